@@ -1,0 +1,35 @@
+"""Alembic, driven from code: `voucher-ledger migrate`, `serve` and the tests all go through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    # '%' is alembic's interpolation character; a URL may carry percent-encoded bytes
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logging"] = False
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def head_revision() -> str:
+    script = ScriptDirectory.from_config(alembic_config("postgresql+asyncpg://unused/unused"))
+    head = script.get_current_head()
+    assert head is not None
+    return head

@@ -1,0 +1,38 @@
+"""Settings from the environment: `DATABASE_URL` and everything else under the `VL_` prefix.
+
+The README's settings table lists every field here; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VL_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "VL_DATABASE_URL"),
+        description="postgresql+asyncpg://... of a PostgreSQL server; unset: start the embedded one",
+    )
+    data_dir: Path = Field(default=Path(".voucher-ledger"), description="folder of the embedded PostgreSQL")
+    log_level: str = "INFO"
+    db_pool_size: int = Field(default=20, ge=1, le=200)
+    db_max_overflow: int = Field(default=10, ge=0, le=200)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    ledger_retry_attempts: int = Field(default=8, ge=1, le=50)
+    sealer_interval_s: float = Field(default=0.2, gt=0, le=60)
+    sweeper_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    background_tasks: bool = Field(default=True, description="run the chain sealer and hold sweeper")
+    api_key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
+    page_limit_max: int = Field(default=500, ge=1, le=10_000)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,801 @@
+"""The ledger's commands and queries, on a SQLAlchemy async connection.
+
+Every write is one round trip to `ledger_post` (see the migration): it locks the limited accounts in id
+order, answers idempotent replays, checks limits, and writes the entry, its postings and the cached totals.
+Nothing here commits: the caller owns the transaction (`run_in_transaction` retries it whole on a
+serialization failure or a deadlock). A `Refusal` is recorded in that transaction and must be committed.
+
+Accounts without a limit are never locked: the sealer folds their postings into the cached totals in
+batches, and reads add the few postings not yet sealed. That keeps a provider's payable account, which
+thousands of redemptions credit, from becoming one lock every writer queues on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ledger import chain
+from ledger.errors import (
+    REFUSALS,
+    AccountExists,
+    AccountNotFound,
+    AppendOnlyViolation,
+    EntryNotFound,
+    IdempotencyConflict,
+    InvalidEntry,
+    LedgerError,
+    NotReversible,
+    Refusal,
+)
+from ledger.postings import (
+    Kind,
+    Metadata,
+    Posting,
+    check_key,
+    check_memo_and_metadata,
+    check_postings,
+    posted_from_hold,
+    release_of,
+    request_hash,
+    reversal_of,
+)
+
+Limit = Literal["debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+T = TypeVar("T")
+
+ACCOUNT_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+ACCOUNT_CODE_LENGTH_MAX = 200
+HOLD_TIMEOUT_MAX_S = 31 * 86_400
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
+SEALER_LOCK_ID = 0x564C5345414C  # pg advisory lock key: one sealer at a time across processes
+SEAL_BATCH_MAX = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    code: str
+    currency: str
+    limit: Limit | None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: int
+    kind: Kind
+    idempotency_key: str
+    created_at: datetime
+    postings: tuple[Posting, ...]
+    pending_entry_id: int | None = None
+    reverses_entry_id: int | None = None
+    expires_at: datetime | None = None
+    memo: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    chain_seq: int | None = None
+    prev_hash: bytes | None = None
+    hash: bytes | None = None
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    account: Account
+    debits_posted_fen: int
+    credits_posted_fen: int
+    debits_pending_fen: int
+    credits_pending_fen: int
+
+    @property
+    def net_debit_fen(self) -> int:
+        """Posted debits minus posted credits: positive for an asset-like balance."""
+        return self.debits_posted_fen - self.credits_posted_fen
+
+    @property
+    def available_fen(self) -> int:
+        """What a limited account can still give: for a debit-limited account (a budget, a voucher) the
+        credits not yet debited or held; for a credit-limited one the debits not yet credited or held."""
+        if self.account.limit == "debits_must_not_exceed_credits":
+            return self.credits_posted_fen - self.debits_posted_fen - self.debits_pending_fen
+        if self.account.limit == "credits_must_not_exceed_debits":
+            return self.debits_posted_fen - self.credits_posted_fen - self.credits_pending_fen
+        return self.credits_posted_fen - self.debits_posted_fen
+
+
+@dataclass(frozen=True, slots=True)
+class TrialBalance:
+    as_of: datetime | None
+    total_debits_fen: int
+    total_credits_fen: int
+    total_debits_pending_fen: int
+    total_credits_pending_fen: int
+    rows: tuple[Balance, ...]
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE behind a SQLAlchemy/asyncpg error, wherever the adapter kept it."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str):
+            return state
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
+def _message(exc: BaseException) -> str:
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            break
+        message = getattr(seen, "message", None)
+        if isinstance(message, str):
+            return message
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return str(exc).splitlines()[0]
+
+
+def _raise_mapped(exc: DBAPIError) -> None:
+    state = sqlstate(exc)
+    message = _message(exc)
+    if state == "VL409":
+        raise IdempotencyConflict(message) from exc
+    if state == "VL404":
+        raise (AccountNotFound if "account" in message else EntryNotFound)(message) from exc
+    if state in ("VL002", "VL422"):
+        raise InvalidEntry(message) from exc
+    if state == "VL001":
+        raise AppendOnlyViolation(message) from exc
+
+
+async def run_in_transaction(
+    engine: AsyncEngine,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    attempts: int = 8,
+) -> T:
+    """Run `work` in a transaction of its own and commit it; retry the whole of it, with jittered
+    backoff, when PostgreSQL reports a serialization failure or a deadlock. A `Refusal` is committed
+    (it is an outcome) and re-raised; any other error rolls back."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.connect() as conn:
+                try:
+                    result = await work(conn)
+                except Refusal:
+                    await conn.commit()
+                    raise
+                await conn.commit()
+                return result
+        except DBAPIError as exc:
+            if sqlstate(exc) not in RETRYABLE_SQLSTATES or attempt == attempts:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+_POST = text(
+    """
+    SELECT outcome, entry_id, created_at, code, detail
+      FROM ledger_post(:key, :request_hash, :kind, :pending_entry_id, :reverses_entry_id,
+                       CASE WHEN CAST(:timeout_s AS integer) IS NULL THEN NULL
+                            ELSE now() + make_interval(secs => CAST(:timeout_s AS integer)) END,
+                       :memo, CAST(:metadata AS jsonb), :account_ids, :directions, :phases, :amounts)
+    """
+)
+
+_ENTRY_COLUMNS = """
+    e.id, e.kind, e.idempotency_key, e.pending_entry_id, e.reverses_entry_id, e.expires_at, e.memo,
+    e.metadata::text AS metadata, e.created_at, s.chain_seq, s.prev_hash, s.hash,
+    (SELECT json_agg(json_build_array(a.code, p.direction, p.phase, p.amount) ORDER BY p.seq)
+       FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id
+      WHERE p.entry_id = e.id)::text AS postings
+"""
+
+# Per-account sums of a set of postings `p`, as the cached totals count them.
+_SUMS = """
+    sum(p.amount) FILTER (WHERE p.direction = 'debit' AND p.phase = 'posted') AS dp,
+    sum(p.amount) FILTER (WHERE p.direction = 'credit' AND p.phase = 'posted') AS cp,
+    sum(CASE WHEN p.phase = 'pending' THEN p.amount WHEN p.phase = 'release' THEN -p.amount END)
+        FILTER (WHERE p.direction = 'debit') AS dq,
+    sum(CASE WHEN p.phase = 'pending' THEN p.amount WHEN p.phase = 'release' THEN -p.amount END)
+        FILTER (WHERE p.direction = 'credit') AS cq
+"""
+
+_LIMITED = "(a.debits_must_not_exceed_credits OR a.credits_must_not_exceed_debits)"
+
+_CURRENT_BALANCES = f"""
+    WITH unsealed AS (
+        SELECT p.account_id, {_SUMS}
+          FROM ledger_unsealed u JOIN ledger_posting p ON p.entry_id = u.entry_id
+         GROUP BY p.account_id),
+    expired AS (
+        SELECT p.account_id,
+               sum(p.amount) FILTER (WHERE p.direction = 'debit') AS d,
+               sum(p.amount) FILTER (WHERE p.direction = 'credit') AS c
+          FROM ledger_pending_open o JOIN ledger_posting p ON p.entry_id = o.entry_id AND p.phase = 'pending'
+         WHERE o.expires_at <= now()
+         GROUP BY p.account_id)
+    SELECT a.id, a.code, a.currency, a.debits_must_not_exceed_credits, a.credits_must_not_exceed_debits,
+           a.debits_posted + CASE WHEN {_LIMITED} THEN 0 ELSE coalesce(u.dp, 0) END AS dp,
+           a.credits_posted + CASE WHEN {_LIMITED} THEN 0 ELSE coalesce(u.cp, 0) END AS cp,
+           a.debits_pending + CASE WHEN {_LIMITED} THEN 0 ELSE coalesce(u.dq, 0) END - coalesce(x.d, 0) AS dq,
+           a.credits_pending + CASE WHEN {_LIMITED} THEN 0 ELSE coalesce(u.cq, 0) END - coalesce(x.c, 0) AS cq
+      FROM ledger_account a
+      LEFT JOIN unsealed u ON u.account_id = a.id
+      LEFT JOIN expired x ON x.account_id = a.id
+"""
+
+_AS_OF_BALANCES = f"""
+    WITH moved AS (
+        SELECT p.account_id, {_SUMS}
+          FROM ledger_posting p JOIN ledger_entry e ON e.id = p.entry_id
+         WHERE e.created_at <= :as_of
+         GROUP BY p.account_id),
+    expired AS (
+        -- a hold past its timeout at as_of no longer reserves anything, released or not
+        SELECT p.account_id,
+               sum(p.amount) FILTER (WHERE p.direction = 'debit') AS d,
+               sum(p.amount) FILTER (WHERE p.direction = 'credit') AS c
+          FROM ledger_entry h JOIN ledger_posting p ON p.entry_id = h.id AND p.phase = 'pending'
+         WHERE h.kind = 'pending' AND h.created_at <= :as_of AND h.expires_at <= :as_of
+           AND NOT EXISTS (SELECT 1 FROM ledger_entry r
+                            WHERE r.pending_entry_id = h.id AND r.created_at <= :as_of)
+         GROUP BY p.account_id)
+    SELECT a.id, a.code, a.currency, a.debits_must_not_exceed_credits, a.credits_must_not_exceed_debits,
+           coalesce(m.dp, 0) AS dp, coalesce(m.cp, 0) AS cp,
+           coalesce(m.dq, 0) - coalesce(x.d, 0) AS dq, coalesce(m.cq, 0) - coalesce(x.c, 0) AS cq
+      FROM ledger_account a
+      LEFT JOIN moved m ON m.account_id = a.id
+      LEFT JOIN expired x ON x.account_id = a.id
+     WHERE a.created_at <= :as_of
+"""
+
+
+def _limit_of(debits_limited: bool, credits_limited: bool) -> Limit | None:
+    if debits_limited:
+        return "debits_must_not_exceed_credits"
+    if credits_limited:
+        return "credits_must_not_exceed_debits"
+    return None
+
+
+def _postings_from_json(raw: str | None) -> tuple[Posting, ...]:
+    if raw is None:
+        return ()
+    return tuple(Posting(code, direction, int(amount), phase) for code, direction, phase, amount in json.loads(raw))
+
+
+def _entry_from_row(row: Any, replayed: bool = False) -> Entry:
+    return Entry(
+        id=row.id,
+        kind=row.kind,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        postings=_postings_from_json(row.postings),
+        pending_entry_id=row.pending_entry_id,
+        reverses_entry_id=row.reverses_entry_id,
+        expires_at=row.expires_at,
+        memo=row.memo,
+        metadata=json.loads(row.metadata),
+        chain_seq=row.chain_seq,
+        prev_hash=None if row.prev_hash is None else bytes(row.prev_hash),
+        hash=None if row.hash is None else bytes(row.hash),
+        replayed=replayed,
+    )
+
+
+def _balance_from_row(row: Any) -> Balance:
+    account = Account(row.id, row.code, row.currency.strip(), _limit_of(
+        row.debits_must_not_exceed_credits, row.credits_must_not_exceed_debits))
+    return Balance(account, int(row.dp), int(row.cp), int(row.dq), int(row.cq))
+
+
+class Ledger:
+    """One per database: it caches account identities (code, id, currency and limit never change)."""
+
+    def __init__(self, on_posted: Callable[[Kind], None] | None = None) -> None:
+        self._by_code: dict[str, Account] = {}
+        self._on_posted = on_posted
+
+    # -- accounts ----------------------------------------------------------------------------------
+
+    async def open_account(
+        self,
+        conn: AsyncConnection,
+        code: str,
+        *,
+        currency: str = "CNY",
+        limit: Limit | None = None,
+        metadata: Metadata | None = None,
+    ) -> Account:
+        """Open an account, or return it when it exists with the same currency and limit."""
+        if not isinstance(code, str) or len(code) > ACCOUNT_CODE_LENGTH_MAX or not ACCOUNT_CODE.match(code):
+            raise InvalidEntry(f"account code {code!r}: segments of letters, digits, '.', '_' or '-', joined by ':'")
+        if not re.fullmatch(r"[A-Z]{3}", currency):
+            raise InvalidEntry(f"currency {currency!r} is not an ISO 4217 code")
+        check_memo_and_metadata("", metadata or {})
+        row = (
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO ledger_account (code, currency, debits_must_not_exceed_credits,
+                                                credits_must_not_exceed_debits, metadata)
+                    VALUES (:code, :currency, :dl, :cl, CAST(:metadata AS jsonb))
+                    ON CONFLICT (code) DO NOTHING
+                    RETURNING id
+                    """
+                ),
+                {
+                    "code": code,
+                    "currency": currency,
+                    "dl": limit == "debits_must_not_exceed_credits",
+                    "cl": limit == "credits_must_not_exceed_debits",
+                    "metadata": json.dumps(dict(metadata or {})),
+                },
+            )
+        ).first()
+        if row is not None:
+            account = Account(row.id, code, currency, limit)
+        else:
+            account = (await self.accounts(conn, [code]))[code]
+            if account.currency != currency or account.limit != limit:
+                raise AccountExists(
+                    f"account {code} exists in {account.currency} with limit {account.limit or 'none'}")
+        self._by_code[code] = account
+        return account
+
+    async def accounts(self, conn: AsyncConnection, codes: Iterable[str]) -> dict[str, Account]:
+        """Resolve codes to accounts (cached); an unknown code is `AccountNotFound`."""
+        wanted = set(codes)
+        missing = [code for code in wanted if code not in self._by_code]
+        if missing:
+            rows = await conn.execute(
+                text(
+                    """
+                    SELECT id, code, currency, debits_must_not_exceed_credits, credits_must_not_exceed_debits
+                      FROM ledger_account WHERE code = ANY(:codes)
+                    """
+                ),
+                {"codes": missing},
+            )
+            for row in rows:
+                self._by_code[row.code] = Account(
+                    row.id, row.code, row.currency.strip(),
+                    _limit_of(row.debits_must_not_exceed_credits, row.credits_must_not_exceed_debits))
+        unknown = sorted(code for code in wanted if code not in self._by_code)
+        if unknown:
+            raise AccountNotFound(f"unknown account(s): {', '.join(unknown)}")
+        return {code: self._by_code[code] for code in wanted}
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    async def transfer(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        postings: Sequence[Posting],
+        memo: str = "",
+        metadata: Metadata | None = None,
+    ) -> Entry:
+        """Post a balanced entry now."""
+        check_key(key)
+        if any(p.phase != "posted" for p in postings):
+            raise InvalidEntry("a transfer's postings are all in the posted phase")
+        return await self._post(conn, key=key, kind="transfer", postings=postings, memo=memo,
+                                metadata=metadata or {}, fields={})
+
+    async def hold(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        postings: Sequence[Posting],
+        timeout_s: int,
+        memo: str = "",
+        metadata: Metadata | None = None,
+    ) -> Entry:
+        """Reserve against the accounts' limits until posted, voided or `timeout_s` has passed."""
+        check_key(key)
+        if type(timeout_s) is not int or not 1 <= timeout_s <= HOLD_TIMEOUT_MAX_S:
+            raise InvalidEntry(f"a hold times out after 1 to {HOLD_TIMEOUT_MAX_S} seconds")
+        pending = [Posting(p.account, p.direction, p.amount_fen, "pending") for p in postings]
+        return await self._post(conn, key=key, kind="pending", postings=pending, memo=memo,
+                                metadata=metadata or {}, fields={"timeout_s": timeout_s}, timeout_s=timeout_s)
+
+    async def post_pending(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        pending_entry_id: int,
+        amount_fen: int | None = None,
+        memo: str = "",
+        metadata: Metadata | None = None,
+    ) -> Entry:
+        """Post a hold in full, or `amount_fen` of it (never more); the rest is released."""
+        check_key(key)
+        held = await self._hold_postings(conn, pending_entry_id)
+        postings = release_of(held) + posted_from_hold(held, amount_fen)
+        return await self._post(conn, key=key, kind="post_pending", postings=postings, memo=memo,
+                                metadata=metadata or {}, pending_entry_id=pending_entry_id,
+                                fields={"pending_entry_id": pending_entry_id, "amount_fen": amount_fen})
+
+    async def void_pending(
+        self, conn: AsyncConnection, *, key: str, pending_entry_id: int, memo: str = ""
+    ) -> Entry:
+        """Release a hold entirely."""
+        check_key(key)
+        held = await self._hold_postings(conn, pending_entry_id)
+        return await self._post(conn, key=key, kind="void_pending", postings=release_of(held), memo=memo,
+                                metadata={}, pending_entry_id=pending_entry_id,
+                                fields={"pending_entry_id": pending_entry_id})
+
+    async def reverse(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        entry_id: int,
+        memo: str = "",
+        metadata: Metadata | None = None,
+    ) -> Entry:
+        """A compensating entry that undoes every posted movement of `entry_id` (at most once)."""
+        check_key(key)
+        original = await self.entry(conn, entry_id)
+        if original.kind not in ("transfer", "post_pending"):
+            raise NotReversible(f"a {original.kind} entry cannot be reversed; void or let a hold expire instead")
+        return await self._post(conn, key=key, kind="reversal", postings=reversal_of(original.postings),
+                                memo=memo, metadata=metadata or {}, reverses_entry_id=entry_id,
+                                fields={"reverses_entry_id": entry_id})
+
+    async def expire_pending(self, conn: AsyncConnection, pending_entry_id: int) -> int | None:
+        """Release a hold whose timeout has passed; None when it was already resolved."""
+        try:
+            entry_id = await conn.scalar(text("SELECT ledger_expire_pending(:id)"), {"id": pending_entry_id})
+        except DBAPIError as exc:
+            _raise_mapped(exc)
+            raise
+        if entry_id is not None and self._on_posted is not None:
+            self._on_posted("expire_pending")
+        return None if entry_id is None else int(entry_id)
+
+    async def due_holds(self, conn: AsyncConnection, limit: int = 100) -> list[int]:
+        rows = await conn.execute(
+            text("SELECT entry_id FROM ledger_pending_open WHERE expires_at <= now() ORDER BY expires_at LIMIT :n"),
+            {"n": limit},
+        )
+        return [int(row.entry_id) for row in rows]
+
+    async def _hold_postings(self, conn: AsyncConnection, pending_entry_id: int) -> tuple[Posting, ...]:
+        entry = await self.entry(conn, pending_entry_id)
+        if entry.kind != "pending":
+            raise EntryNotFound(f"entry {pending_entry_id} is not a hold")
+        return entry.postings
+
+    async def _post(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        kind: Kind,
+        postings: Sequence[Posting],
+        memo: str,
+        metadata: Metadata,
+        fields: dict[str, object],
+        pending_entry_id: int | None = None,
+        reverses_entry_id: int | None = None,
+        timeout_s: int | None = None,
+    ) -> Entry:
+        check_postings(postings)
+        check_memo_and_metadata(memo, metadata)
+        accounts = await self.accounts(conn, (p.account for p in postings))
+        if len({a.currency for a in accounts.values()}) != 1:
+            raise InvalidEntry("an entry cannot mix currencies")
+        fingerprint = request_hash(kind, {**fields, "memo": memo, "metadata": dict(metadata)}, postings)
+        try:
+            row = (
+                await conn.execute(
+                    _POST,
+                    {
+                        "key": key,
+                        "request_hash": fingerprint,
+                        "kind": kind,
+                        "pending_entry_id": pending_entry_id,
+                        "reverses_entry_id": reverses_entry_id,
+                        "timeout_s": timeout_s,
+                        "memo": memo,
+                        "metadata": json.dumps(dict(metadata), sort_keys=True),
+                        "account_ids": [accounts[p.account].id for p in postings],
+                        "directions": [p.direction for p in postings],
+                        "phases": [p.phase for p in postings],
+                        "amounts": [p.amount_fen for p in postings],
+                    },
+                )
+            ).one()
+        except DBAPIError as exc:
+            _raise_mapped(exc)
+            raise
+        if row.outcome == "refused":
+            raise REFUSALS.get(row.code, Refusal)(row.detail)
+        if row.outcome == "created" and self._on_posted is not None:
+            self._on_posted(kind)
+        if row.outcome == "existing":
+            # the key's first request succeeded: answer with the entry as recorded
+            entry = await self.entry(conn, row.entry_id)
+            return Entry(**{**{f: getattr(entry, f) for f in Entry.__slots__}, "replayed": True})
+        return Entry(
+            id=row.entry_id,
+            kind=kind,
+            idempotency_key=key,
+            created_at=row.created_at,
+            postings=tuple(postings),
+            pending_entry_id=pending_entry_id,
+            reverses_entry_id=reverses_entry_id,
+            memo=memo,
+            metadata=dict(metadata),
+        )
+
+    # -- the hash chain ------------------------------------------------------------------------------
+
+    async def seal(self, conn: AsyncConnection, batch_size: int = 1_000) -> int:
+        """Seal committed entries into the chain, oldest id first, and fold their postings into the
+        cached totals of accounts without a limit. One sealer at a time (advisory lock); returns how
+        many entries it sealed. The caller commits."""
+        batch_size = max(1, min(batch_size, SEAL_BATCH_MAX))
+        if not await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SEALER_LOCK_ID}):
+            return 0
+        last = (
+            await conn.execute(text("SELECT chain_seq, hash FROM ledger_seal ORDER BY chain_seq DESC LIMIT 1"))
+        ).first()
+        seq, prev = (0, chain.GENESIS_HASH) if last is None else (int(last.chain_seq), bytes(last.hash))
+        rows = (
+            await conn.execute(
+                text(
+                    f"""
+                    SELECT {_ENTRY_COLUMNS}
+                      FROM ledger_entry e LEFT JOIN ledger_seal s ON false
+                     WHERE e.id IN (SELECT entry_id FROM ledger_unsealed ORDER BY entry_id LIMIT :n)
+                     ORDER BY e.id
+                    """
+                ),
+                {"n": batch_size},
+            )
+        ).all()
+        if not rows:
+            return 0
+        ids, seqs, prevs, hashes = [], [], [], []
+        for row in rows:
+            seq += 1
+            entry = _entry_from_row(row)
+            digest = chain.link_hash(prev, _chain_document(entry, seq))
+            ids.append(entry.id)
+            seqs.append(seq)
+            prevs.append(prev)
+            hashes.append(digest)
+            prev = digest
+        await conn.execute(
+            text(
+                """
+                INSERT INTO ledger_seal (chain_seq, entry_id, prev_hash, hash)
+                SELECT s, e, p, h FROM unnest(CAST(:seqs AS bigint[]), CAST(:ids AS bigint[]),
+                                              CAST(:prevs AS bytea[]), CAST(:hashes AS bytea[])) AS u(s, e, p, h)
+                 ORDER BY s
+                """
+            ),
+            {"seqs": seqs, "ids": ids, "prevs": prevs, "hashes": hashes},
+        )
+        await conn.execute(text("DELETE FROM ledger_unsealed WHERE entry_id = ANY(:ids)"), {"ids": ids})
+        await conn.execute(
+            text(
+                f"""
+                UPDATE ledger_account a
+                   SET debits_posted = a.debits_posted + coalesce(d.dp, 0),
+                       credits_posted = a.credits_posted + coalesce(d.cp, 0),
+                       debits_pending = a.debits_pending + coalesce(d.dq, 0),
+                       credits_pending = a.credits_pending + coalesce(d.cq, 0)
+                  FROM (SELECT p.account_id, {_SUMS} FROM ledger_posting p
+                         WHERE p.entry_id = ANY(:ids) GROUP BY p.account_id) d
+                 WHERE a.id = d.account_id AND NOT {_LIMITED}
+                """
+            ),
+            {"ids": ids},
+        )
+        return len(ids)
+
+    async def verify_chain(self, conn: AsyncConnection, batch_size: int = 2_000) -> chain.ChainReport:
+        """Recompute every seal from the entries as stored, in chain order."""
+        prev, seq, total = chain.GENESIS_HASH, 1, 0
+        while True:
+            rows = (
+                await conn.execute(
+                    text(
+                        f"""
+                        SELECT {_ENTRY_COLUMNS}
+                          FROM ledger_seal s JOIN ledger_entry e ON e.id = s.entry_id
+                         WHERE s.chain_seq >= :from_seq ORDER BY s.chain_seq LIMIT :n
+                        """
+                    ),
+                    {"from_seq": seq, "n": batch_size},
+                )
+            ).all()
+            if not rows:
+                break
+            documents = []
+            for row in rows:
+                entry = _entry_from_row(row)
+                assert entry.chain_seq is not None
+                documents.append({**_chain_document(entry, entry.chain_seq),
+                                  "prev_hash": entry.prev_hash, "hash": entry.hash})
+            report = chain.verify(documents, start_hash=prev, start_seq=seq)
+            total += report.entries
+            if not report.ok:
+                return chain.ChainReport(False, total, report.last_hash, report.problem)
+            prev, seq = report.last_hash, seq + report.entries
+        orphans = await conn.scalar(
+            text(
+                """
+                SELECT count(*) FROM ledger_entry e
+                 WHERE NOT EXISTS (SELECT 1 FROM ledger_seal s WHERE s.entry_id = e.id)
+                   AND NOT EXISTS (SELECT 1 FROM ledger_unsealed u WHERE u.entry_id = e.id)
+                """
+            )
+        )
+        if orphans:
+            return chain.ChainReport(False, total, prev, f"{orphans} entries are neither sealed nor queued")
+        return chain.ChainReport(True, total, prev)
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    async def entry(self, conn: AsyncConnection, entry_id: int) -> Entry:
+        row = (
+            await conn.execute(
+                text(f"SELECT {_ENTRY_COLUMNS} FROM ledger_entry e "
+                     "LEFT JOIN ledger_seal s ON s.entry_id = e.id WHERE e.id = :id"),
+                {"id": entry_id},
+            )
+        ).first()
+        if row is None:
+            raise EntryNotFound(f"no ledger entry {entry_id}")
+        return _entry_from_row(row)
+
+    async def entries(
+        self,
+        conn: AsyncConnection,
+        *,
+        after_id: int | None = None,
+        limit: int = 50,
+        account_prefix: str | None = None,
+    ) -> list[Entry]:
+        """Entries in id order after `after_id`, optionally only those touching accounts under a prefix."""
+        rows = await conn.execute(
+            text(
+                f"""
+                SELECT {_ENTRY_COLUMNS}
+                  FROM ledger_entry e LEFT JOIN ledger_seal s ON s.entry_id = e.id
+                 WHERE e.id > :after
+                   AND (CAST(:prefix AS text) IS NULL OR EXISTS (
+                        SELECT 1 FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id
+                         WHERE p.entry_id = e.id
+                           AND (a.code = :prefix OR starts_with(a.code, CAST(:prefix AS text) || ':'))))
+                 ORDER BY e.id
+                 LIMIT :n
+                """
+            ),
+            {"after": after_id or 0, "prefix": account_prefix, "n": limit},
+        )
+        return [_entry_from_row(row) for row in rows]
+
+    async def balances(
+        self,
+        conn: AsyncConnection,
+        *,
+        codes: Sequence[str] | None = None,
+        prefix: str | None = None,
+        after_code: str | None = None,
+        limit: int | None = None,
+        as_of: datetime | None = None,
+    ) -> list[Balance]:
+        """Balances ordered by code: current (cached totals, plus postings not yet sealed on accounts
+        without a limit, less holds past their timeout) or, with `as_of`, recomputed from the entries."""
+        base = _CURRENT_BALANCES if as_of is None else _AS_OF_BALANCES
+        joiner = "WHERE" if as_of is None else "AND"
+        query = f"""
+            {base}
+            {joiner} (CAST(:codes AS text[]) IS NULL OR a.code = ANY(CAST(:codes AS text[])))
+              AND (CAST(:prefix AS text) IS NULL OR a.code = :prefix
+                   OR starts_with(a.code, CAST(:prefix AS text) || ':'))
+              AND (CAST(:after AS text) IS NULL OR a.code > :after)
+            ORDER BY a.code
+            LIMIT :n
+        """
+        rows = await conn.execute(
+            text(query),
+            {"codes": None if codes is None else list(codes), "prefix": prefix, "after": after_code,
+             "n": limit, "as_of": as_of},
+        )
+        return [_balance_from_row(row) for row in rows]
+
+    async def balance(self, conn: AsyncConnection, code: str, as_of: datetime | None = None) -> Balance:
+        found = await self.balances(conn, codes=[code], as_of=as_of)
+        if not found:
+            raise AccountNotFound(f"unknown account: {code}")
+        return found[0]
+
+    async def trial_balance(self, conn: AsyncConnection, as_of: datetime | None = None) -> TrialBalance:
+        rows = tuple(await self.balances(conn, as_of=as_of))
+        return TrialBalance(
+            as_of=as_of,
+            total_debits_fen=sum(r.debits_posted_fen for r in rows),
+            total_credits_fen=sum(r.credits_posted_fen for r in rows),
+            total_debits_pending_fen=sum(r.debits_pending_fen for r in rows),
+            total_credits_pending_fen=sum(r.credits_pending_fen for r in rows),
+            rows=rows,
+        )
+
+    async def verify_cached_balances(self, conn: AsyncConnection) -> list[str]:
+        """Codes of accounts whose cached totals disagree with their postings (empty when sound)."""
+        rows = await conn.execute(
+            text(
+                f"""
+                WITH truth AS (SELECT p.account_id, {_SUMS} FROM ledger_posting p GROUP BY p.account_id),
+                unsealed AS (SELECT p.account_id, {_SUMS}
+                               FROM ledger_unsealed u JOIN ledger_posting p ON p.entry_id = u.entry_id
+                              GROUP BY p.account_id)
+                SELECT a.code FROM ledger_account a
+                  LEFT JOIN truth t ON t.account_id = a.id
+                  LEFT JOIN unsealed u ON u.account_id = a.id AND NOT {_LIMITED}
+                 WHERE a.debits_posted + coalesce(u.dp, 0) <> coalesce(t.dp, 0)
+                    OR a.credits_posted + coalesce(u.cp, 0) <> coalesce(t.cp, 0)
+                    OR a.debits_pending + coalesce(u.dq, 0) <> coalesce(t.dq, 0)
+                    OR a.credits_pending + coalesce(u.cq, 0) <> coalesce(t.cq, 0)
+                 ORDER BY a.code
+                """
+            )
+        )
+        return [row.code for row in rows]
+
+
+def _chain_document(entry: Entry, chain_seq: int) -> dict[str, Any]:
+    return {
+        "chain_seq": chain_seq,
+        "id": entry.id,
+        "kind": entry.kind,
+        "idempotency_key": entry.idempotency_key,
+        "pending_entry_id": entry.pending_entry_id,
+        "reverses_entry_id": entry.reverses_entry_id,
+        "expires_at": entry.expires_at,
+        "memo": entry.memo,
+        "metadata": entry.metadata,
+        "created_at": entry.created_at,
+        "postings": [
+            {"account": p.account, "direction": p.direction, "phase": p.phase, "amount_fen": p.amount_fen}
+            for p in entry.postings
+        ],
+    }
+
+
+__all__ = [
+    "Account",
+    "Balance",
+    "Entry",
+    "Ledger",
+    "LedgerError",
+    "Limit",
+    "TrialBalance",
+    "run_in_transaction",
+    "sqlstate",
+]

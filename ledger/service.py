@@ -616,9 +616,17 @@ class Ledger:
         )
         return len(ids)
 
-    async def verify_chain(self, conn: AsyncConnection, batch_size: int = 2_000) -> chain.ChainReport:
-        """Recompute every seal from the entries as stored, in chain order."""
-        prev, seq, total = chain.GENESIS_HASH, 1, 0
+    async def verify_chain(
+        self, conn: AsyncConnection, *, from_seq: int = 1, batch_size: int = 2_000
+    ) -> chain.ChainReport:
+        """Recompute every seal from `from_seq` on (default: all) from the entries as stored, in chain order;
+        and check that every entry is either sealed or queued for the sealer."""
+        prev, seq, total = chain.GENESIS_HASH, max(1, from_seq), 0
+        if seq > 1:
+            start = await conn.scalar(text("SELECT prev_hash FROM ledger_seal WHERE chain_seq = :s"), {"s": seq})
+            if start is None:
+                return chain.ChainReport(True, 0, prev)
+            prev = bytes(start)
         while True:
             rows = (
                 await conn.execute(

@@ -1,0 +1,60 @@
+"""Work the service does by itself: seal committed entries into the hash chain, release expired holds.
+
+Every worker process runs this loop; the sealer's advisory lock lets one seal at a time, and releasing a
+hold is exactly-once in the database, so running it twice anywhere is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.settings import Settings
+from ledger.service import Ledger, run_in_transaction
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH = 200
+
+
+async def seal_all(engine: AsyncEngine, ledger: Ledger) -> int:
+    """Seal until the queue is empty (or another process holds the sealer lock)."""
+    total = 0
+    while sealed := await run_in_transaction(engine, ledger.seal):
+        total += sealed
+    return total
+
+
+async def release_expired_holds(engine: AsyncEngine, ledger: Ledger) -> int:
+    """Release every hold past its timeout, each in its own transaction."""
+    released = 0
+    async with engine.connect() as conn:
+        due = await ledger.due_holds(conn, limit=SWEEP_BATCH)
+    for pending_entry_id in due:
+        if await run_in_transaction(engine, functools.partial(_expire, ledger, pending_entry_id)):
+            released += 1
+    return released
+
+
+async def _expire(ledger: Ledger, pending_entry_id: int, conn: AsyncConnection) -> int | None:
+    return await ledger.expire_pending(conn, pending_entry_id)
+
+
+async def run_background(engine: AsyncEngine, ledger: Ledger, settings: Settings) -> None:
+    """Run until cancelled; a failed round is logged and tried again on the next tick."""
+    next_sweep = 0.0
+    while True:
+        try:
+            await seal_all(engine, ledger)
+            if time.monotonic() >= next_sweep:
+                await release_expired_holds(engine, ledger)
+                next_sweep = time.monotonic() + settings.sweeper_interval_s
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background ledger work failed; retrying")
+        await asyncio.sleep(settings.sealer_interval_s)

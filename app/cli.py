@@ -1,0 +1,247 @@
+"""`voucher-ledger`: serve, migrate, apikey create.
+
+Without `DATABASE_URL` every command uses the embedded PostgreSQL in `VL_DATA_DIR`; commands run at the
+same time in the same folder reach the same server, which stops when the last of them exits.
+
+Exit status: 0 done, 1 the command failed (database unreachable, schema not migrated), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from app import migrate
+from app.apikeys import ApiKey, ApiKeyCreate, Role, create_api_key
+from app.db import make_engine
+from app.embedded import start_embedded
+from app.log import configure_logging
+from app.settings import Settings, get_settings
+
+PROG = "voucher-ledger"
+# A request still running this long after SIGTERM is cut off: a stop must not hang on one client.
+GRACEFUL_SHUTDOWN_S = 10
+
+
+class CommandFailed(Exception):
+    """A failure worth one clear line on stderr, not a traceback."""
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[str]:
+    """The database URL: `DATABASE_URL`, or the embedded server, joined (or started) for the duration."""
+    if settings.database_url is not None:
+        yield settings.database_url
+        return
+    url, server = start_embedded(settings.data_dir)
+    try:
+        yield url
+    finally:
+        server.cleanup()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the process through SystemExit, so `finally` blocks run (the embedded server's handle
+    is released and the server stops with its last holder); Python's default would exit on the spot."""
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# --------------------------------------------------------------------------------------------------------
+# serve
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    server: Any = None
+    metrics_dir: str | None = None
+    try:
+        url = settings.database_url
+        if url is None:
+            url, server = start_embedded(settings.data_dir)
+            # the app (in this process or in uvicorn's workers) reads it and joins the same server
+            os.environ["DATABASE_URL"] = url
+            get_settings.cache_clear()
+        migrate.upgrade(url)
+        if args.workers > 1:
+            metrics_dir = tempfile.mkdtemp(prefix="voucher-ledger-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="auto",  # uvloop when installed
+            http="auto",  # httptools when installed
+            log_level=settings.log_level.lower(),
+            server_header=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if server is not None:
+            server.cleanup()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# migrate
+
+
+def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    with _database(settings) as url:
+        migrate.upgrade(url)
+    print(f"database at revision {migrate.head_revision()}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# apikey create
+
+
+async def _create_key(url: str, settings: Settings, request: ApiKeyCreate) -> tuple[ApiKey, str]:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    engine = make_engine(url, settings)
+    try:
+        async with engine.connect() as connection:
+            try:
+                versions = set((await connection.execute(text("SELECT version_num FROM alembic_version"))).scalars())
+            except SQLAlchemyError:
+                versions = set()
+        head = migrate.head_revision()
+        if versions != {head}:
+            raise CommandFailed(f"the database is not migrated to {head}: run `{PROG} migrate` first")
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            row, key = await create_api_key(session, request)
+            await session.commit()
+            return row, key
+    finally:
+        await engine.dispose()
+
+
+def _split_types(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _apikey_create(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        request = ApiKeyCreate(
+            role=args.role, name=args.name, entity_id=args.entity, voucher_types=_split_types(args.types)
+        )
+    except ValidationError as exc:
+        options = {"role": "--role", "name": "--name", "entity_id": "--entity", "voucher_types": "--types"}
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            _error(f"{options.get(field, field)}: {error['msg']}")
+        return 2
+    with _database(settings) as url:
+        row, key = asyncio.run(_create_key(url, settings, request))
+    print(f"id: {row.id}")
+    print(f"role: {row.role}")
+    if row.entity_id is not None:
+        print(f"entity: {row.entity_id}")
+    if row.voucher_types is not None:
+        print(f"voucher types: {','.join(row.voucher_types)}")
+    print(f"name: {row.name}")
+    print(f"prefix: {row.prefix}")
+    print("the key is shown once, on the next line; store it now:", flush=True)
+    print(key)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError("a port is between 0 and 65535")
+    return number
+
+
+def _workers(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 256:
+        raise argparse.ArgumentTypeError("workers is between 1 and 256")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Subsidy vouchers on a double-entry ledger.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="migrate the database, then serve the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
+    serve.add_argument("--workers", type=_workers, default=1, help="worker processes (default 1)")
+    serve.set_defaults(handler=_serve)
+
+    migrate_ = commands.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    migrate_.set_defaults(handler=_migrate)
+
+    apikey = commands.add_parser("apikey", help="manage API keys")
+    apikey_commands = apikey.add_subparsers(dest="apikey_command", required=True, metavar="COMMAND")
+    create = apikey_commands.add_parser("create", help="create a key; it is printed once, as the last line")
+    create.add_argument("--role", required=True, choices=[role.value for role in Role])
+    create.add_argument("--entity", metavar="ID", help="entity id (enterprise and provider keys)")
+    create.add_argument("--types", metavar="TYPES", help="admin keys: voucher types, e.g. compute,data")
+    create.add_argument("--name", required=True, help="what the key is for, e.g. the system that holds it")
+    create.set_defaults(handler=_apikey_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            _error(f"setting {'.'.join(str(p) for p in error['loc'])}: {error['msg']}")
+        return 2
+    if settings.database_url is not None and not settings.database_url.startswith("postgresql+asyncpg://"):
+        _error("DATABASE_URL must be a postgresql+asyncpg://user:password@host:port/database URL")
+        return 2
+    configure_logging(settings.log_level)
+    _stop_on_sigterm()
+    try:
+        code: int = args.handler(args, settings)
+    except CommandFailed as exc:
+        _error(str(exc))
+        return 1
+    except (OSError, SQLAlchemyError) as exc:
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        _error(f"the database could not be reached or refused the command: {type(exc).__name__}: {first_line}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

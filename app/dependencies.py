@@ -1,0 +1,95 @@
+"""Per-request dependencies: the database session and the caller.
+
+One session per request. The route commits (once, when its command is done); services and repositories
+only flush. Whatever is left uncommitted when the request ends (a read, a failed command) is rolled back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.apikeys import ApiKeyAuthenticator, Caller, Role
+from app.errors import Forbidden, Unauthorized
+from app.settings import Settings
+
+__all__ = [
+    "AdminCaller",
+    "AdminOrAuditorCaller",
+    "Caller",
+    "CallerDep",
+    "Role",
+    "SessionDep",
+    "SettingsDep",
+    "current_caller",
+    "get_session",
+    "require_roles",
+]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with sessionmaker() as session:
+        try:
+            yield session
+        finally:
+            if session.in_transaction():
+                await session.rollback()
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    bearerFormat="vl_<prefix>_<secret>",
+    description="An API key: `Authorization: Bearer vl_<prefix>_<secret>`",
+)
+
+
+async def current_caller(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    if credentials is None:
+        raise Unauthorized()
+    authenticator: ApiKeyAuthenticator = request.app.state.api_keys
+    return await authenticator.authenticate(session, credentials.credentials)
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def require_roles(*roles: Role | str) -> Callable[[Caller], Awaitable[Caller]]:
+    """A dependency answering the caller when its role is one of `roles`, else `403 forbidden`:
+
+    `caller: Annotated[Caller, Depends(require_roles("admin", "auditor"))]`, or
+    `APIRouter(dependencies=[Depends(require_roles("admin", "auditor"))])`.
+    """
+    allowed = frozenset(Role(role) for role in roles)  # an unknown role name fails at import time
+    assert allowed, "require_roles needs at least one role"
+    names = ", ".join(sorted(allowed))
+
+    async def caller_in_roles(caller: CallerDep) -> Caller:
+        if caller.role not in allowed:
+            raise Forbidden(f"a {caller.role} key cannot do this (allowed: {names})")
+        return caller
+
+    return caller_in_roles
+
+
+AdminCaller = Annotated[Caller, Depends(require_roles(Role.ADMIN))]
+AdminOrAuditorCaller = Annotated[Caller, Depends(require_roles(Role.ADMIN, Role.AUDITOR))]

@@ -1,0 +1,351 @@
+"""Every error the API answers is an RFC 9457 problem: `application/problem+json` with `type`, `title`,
+`status`, `detail` and a stable machine-readable `code`.
+
+Domain errors know nothing of HTTP; `DOMAIN_ERRORS` below is the one table that gives each of them a status
+(and, where the domain class has none, a code). Errors raised by the HTTP shell itself (authentication,
+permissions, lookups) are `ProblemError`s and carry their own status and code. Anything else is a bug: a
+`500 internal_error` with a generic detail, and a log line with the stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ledger import errors as ledger_errors
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+# RFC 9457 §4.2.1: "about:blank" says the problem means what its status means; `code` refines it.
+PROBLEM_TYPE = "about:blank"
+
+# Codes for HTTP errors raised by the framework (routing, body limits): stable names, not reason phrases.
+_HTTP_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+def code_for_status(status: int) -> str:
+    return _HTTP_CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+
+
+class Problem(BaseModel):
+    """The body of every error response (documented in the OpenAPI description)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_MEDIA_TYPE)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: these statuses answer a problem document."""
+    return {
+        status: {
+            "model": Problem,
+            "description": HTTPStatus(status).phrase,
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+        }
+        for status in statuses
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Errors of the HTTP shell
+
+
+class ProblemError(Exception):
+    """An error the HTTP shell raises on purpose; answered as a problem with this status and code."""
+
+    status: ClassVar[int] = 400
+    code: str = "bad_request"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+
+class Unauthorized(ProblemError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, detail: str = "a valid API key is required: send Authorization: Bearer <key>") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="voucher-ledger"'})
+
+
+class Forbidden(ProblemError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ProblemError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ProblemError):
+    status = 409
+    code = "conflict"
+
+
+class ValidationFailed(ProblemError):
+    """A 422 found after parsing (a bad cursor, a rule across fields): same shape as pydantic's errors."""
+
+    status = 422
+    code = "validation_error"
+
+    def __init__(self, detail: str, *, loc: Sequence[str | int] = ()) -> None:
+        errors = [{"loc": list(loc), "msg": detail, "type": "value_error"}] if loc else []
+        super().__init__(detail, extra={"errors": errors})
+
+
+class ServiceUnavailable(ProblemError):
+    status = 503
+    code = "service_unavailable"
+
+    def __init__(self, detail: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(detail, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Domain errors: class -> (status, code). `None` keeps the class's own `code` attribute, so every
+# subclass of a mapped class answers with its own stable code. The nearest class in the MRO wins.
+
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
+    # API.md's stable codes: malformed input is validation_error, a missing object is not_found
+    ledger_errors.InvalidEntry: (422, "validation_error"),
+    ledger_errors.AccountNotFound: (404, "not_found"),
+    ledger_errors.AccountExists: (409, None),
+    ledger_errors.EntryNotFound: (404, "not_found"),
+    ledger_errors.NotReversible: (409, None),
+    ledger_errors.IdempotencyConflict: (422, None),
+    ledger_errors.AppendOnlyViolation: (409, None),
+    ledger_errors.Refusal: (409, None),
+}
+
+
+def domain_status(exc: Exception) -> tuple[int, str] | None:
+    for cls in type(exc).__mro__:
+        mapped = DOMAIN_ERRORS.get(cls)
+        if mapped is not None:
+            status, code = mapped
+            return status, code or str(getattr(exc, "code", code_for_status(status)))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Handlers
+
+
+async def _problem_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    return problem_response(exc.status, exc.code, exc.detail, headers=exc.headers, extra=exc.extra)
+
+
+async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    mapped = domain_status(exc)
+    if mapped is None:  # a handler is only installed for mapped classes; stay safe anyway
+        return _internal_error_response()
+    status, code = mapped
+    detail = getattr(exc, "detail", None)
+    return problem_response(status, code, detail if isinstance(detail, str) else HTTPStatus(status).phrase)
+
+
+_GENERIC_DETAILS: dict[int, str] = {
+    404: "no resource at this path",
+    500: "the server could not complete the request; it has been logged",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    detail = exc.detail
+    if status == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        detail = f"{request.method} is not allowed here" + (f"; allowed: {allowed}" if allowed else "")
+    elif not detail or detail == HTTPStatus(status).phrase:
+        detail = _GENERIC_DETAILS.get(status, HTTPStatus(status).phrase)
+    headers = dict(exc.headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", 'Bearer realm="voucher-ledger"')
+    return problem_response(status, code_for_status(status), str(detail), headers=headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Only location, message and type: never `input` (it may carry a key or a token) nor `ctx`.
+    errors: list[dict[str, Any]] = []
+    messages: list[str] = []
+    for error in exc.errors():
+        loc = list(error.get("loc", ()))
+        msg = str(error.get("msg", ""))
+        errors.append({"loc": loc, "msg": msg, "type": str(error.get("type", ""))})
+        where = ".".join(str(part) for part in loc)
+        messages.append(f"{where}: {msg}" if where else msg)
+    detail = messages[0] if messages else "the request is not valid"
+    if len(messages) > 1:
+        detail += f" (and {len(messages) - 1} more)"
+    return problem_response(422, "validation_error", detail, extra={"errors": errors})
+
+
+async def _pool_timeout(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database pool exhausted: %s", type(exc).__name__)
+    return problem_response(
+        503, "service_unavailable", "the database is busy; retry shortly", headers={"Retry-After": "1"}
+    )
+
+
+def _internal_error_response() -> JSONResponse:
+    return problem_response(500, "internal_error", _GENERIC_DETAILS[500])
+
+
+async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    return _internal_error_response()
+
+
+class UnhandledErrorMiddleware:
+    """Answers an exception no handler took with a generic 500 problem, and logs it.
+
+    Starlette's own last-resort handler answers too, but then re-raises to the server, which logs the
+    exception a second time; this middleware ends the story here. A response already started cannot be
+    replaced, so that case is re-raised for the server to close the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:
+                raise
+            route = scope.get("route")
+            log.error(
+                "unhandled error in %s %s",
+                scope.get("method"),
+                getattr(route, "path", "unmatched"),
+                exc_info=exc,
+            )
+            await _internal_error_response()(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """Refuses a request body larger than `max_body_size` bytes with a `413 payload_too_large` problem:
+    at once when Content-Length announces it, else as soon as the bytes read pass the limit."""
+
+    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+        self.app = app
+        self.max_body_size = max_body_size
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"the request body is larger than {self.max_body_size} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_body_size:
+                    exc = self._too_large()
+                    await problem_response(413, "payload_too_large", exc.detail)(scope, receive, send)
+                    return
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_size:
+                    raise self._too_large()  # answered by the HTTP error handler, inside
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
+def install_error_handlers(app: FastAPI, *, max_body_size: int) -> None:
+    app.add_exception_handler(ProblemError, _problem_error)
+    for cls in DOMAIN_ERRORS:
+        app.add_exception_handler(cls, _domain_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(PoolTimeoutError, _pool_timeout)
+    app.add_exception_handler(Exception, _unhandled)
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_size=max_body_size)

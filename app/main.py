@@ -1,0 +1,107 @@
+"""The ASGI application: `create_app()` builds it, its lifespan owns the database engine.
+
+`uvicorn --factory app.main:create_app` serves it as is (settings from the environment); `voucher-ledger
+serve` migrates the database first and then does exactly that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from app.apikeys import ApiKeyAuthenticator
+from app.background import run_background
+from app.db import make_engine
+from app.embedded import start_embedded
+from app.errors import install_error_handlers
+from app.log import configure_logging
+from app.metrics import LEDGER_ENTRIES_POSTED, MetricsMiddleware
+from app.migrate import head_revision
+from app.routers import api_keys, health, metrics
+from app.routers import ledger as ledger_router
+from app.settings import Settings, get_settings
+from ledger.service import Ledger
+
+log = logging.getLogger(__name__)
+
+# No request body this API takes comes near this; a larger one is answered 413 without being read whole.
+BODY_SIZE_MAX = 1024 * 1024
+
+
+def _package_version() -> str:
+    try:
+        return version("voucher-ledger")
+    except PackageNotFoundError:  # pragma: no cover (running from a bare checkout)
+        return "0"
+
+
+def _report_exit(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("background tasks stopped: the chain sealer and hold sweeper no longer run", exc_info=exc)
+    else:
+        log.error("background tasks returned: the chain sealer and hold sweeper no longer run")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    server: Any = None
+    if settings.database_url is None:
+        url, server = await asyncio.to_thread(start_embedded, settings.data_dir)
+    else:
+        url = settings.database_url
+    engine = make_engine(url, settings)
+    authenticator = ApiKeyAuthenticator(engine, cache_ttl_s=settings.api_key_cache_ttl_s)
+    background: asyncio.Task[None] | None = None
+    app.state.engine = engine
+    app.state.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+    app.state.api_keys = authenticator
+    app.state.background = None
+    try:
+        app.state.ledger = Ledger(on_sealed=lambda kind: LEDGER_ENTRIES_POSTED.labels(kind=kind).inc())
+        if settings.background_tasks:
+            background = asyncio.create_task(
+                run_background(engine, app.state.ledger, settings), name="voucher-ledger background"
+            )
+            background.add_done_callback(_report_exit)
+            app.state.background = background
+        yield
+    finally:
+        if background is not None:
+            background.cancel()
+            await asyncio.wait([background])
+        await authenticator.aclose()
+        await engine.dispose()
+        if server is not None:
+            await asyncio.to_thread(server.cleanup)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="voucher-ledger",
+        version=_package_version(),
+        summary="Subsidy vouchers run as money on a double-entry ledger",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.head_revision = head_revision()
+    install_error_handlers(app, max_body_size=BODY_SIZE_MAX)
+    # added last, so outermost: it also counts the 500s answered by the error middleware
+    app.add_middleware(MetricsMiddleware)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(api_keys.router, prefix="/v1")
+    app.include_router(ledger_router.router, prefix="/v1")
+    return app

@@ -34,8 +34,10 @@ def ledger() -> Ledger:
 
 
 async def fund(engine: AsyncEngine, ledger: Ledger, source: str, target: str, amount: int) -> None:
-    await run_in_transaction(engine, lambda c: ledger.transfer(
-        c, key=unique("fund-"), postings=[debit(source, amount), credit(target, amount)]))
+    await run_in_transaction(
+        engine,
+        lambda c: ledger.transfer(c, key=unique("fund-"), postings=[debit(source, amount), credit(target, amount)]),
+    )
 
 
 async def test_transfer_moves_money_and_balances(engine: AsyncEngine, ledger: Ledger) -> None:
@@ -50,24 +52,28 @@ async def test_transfer_moves_money_and_balances(engine: AsyncEngine, ledger: Le
 
 
 async def test_limit_refuses_overdraft_and_the_refusal_is_durable(engine: AsyncEngine, ledger: Ledger) -> None:
-    acc = await open_accounts(engine, ledger, {
-        "world": None, "budget": "debits_must_not_exceed_credits", "spent": None})
+    acc = await open_accounts(
+        engine, ledger, {"world": None, "budget": "debits_must_not_exceed_credits", "spent": None}
+    )
     world, budget, spent = (acc[n].code for n in ("world", "budget", "spent"))
     await fund(engine, ledger, world, budget, 100)
     key = unique("k-")
     with pytest.raises(LimitExceeded) as refused:
-        await run_in_transaction(engine, lambda c: ledger.transfer(
-            c, key=key, postings=[debit(budget, 101), credit(spent, 101)]))
+        await run_in_transaction(
+            engine, lambda c: ledger.transfer(c, key=key, postings=[debit(budget, 101), credit(spent, 101)])
+        )
     assert budget in refused.value.detail
     # more money arrives, but the refused key stays refused
     await fund(engine, ledger, world, budget, 1_000)
     with pytest.raises(LimitExceeded):
-        await run_in_transaction(engine, lambda c: ledger.transfer(
-            c, key=key, postings=[debit(budget, 101), credit(spent, 101)]))
+        await run_in_transaction(
+            engine, lambda c: ledger.transfer(c, key=key, postings=[debit(budget, 101), credit(spent, 101)])
+        )
     # the same key for another request is a conflict, not a second refusal
     with pytest.raises(IdempotencyConflict):
-        await run_in_transaction(engine, lambda c: ledger.transfer(
-            c, key=key, postings=[debit(budget, 102), credit(spent, 102)]))
+        await run_in_transaction(
+            engine, lambda c: ledger.transfer(c, key=key, postings=[debit(budget, 102), credit(spent, 102)])
+        )
     async with engine.connect() as conn:
         assert (await ledger.balance(conn, budget)).available_fen == 1_100
 
@@ -80,8 +86,9 @@ async def test_idempotent_replay_returns_the_original(engine: AsyncEngine, ledge
     again = await run_in_transaction(engine, lambda c: ledger.transfer(c, key=key, postings=postings))
     assert again.id == first.id and again.replayed and not first.replayed
     with pytest.raises(IdempotencyConflict):
-        await run_in_transaction(engine, lambda c: ledger.transfer(
-            c, key=key, postings=postings, memo="something else"))
+        await run_in_transaction(
+            engine, lambda c: ledger.transfer(c, key=key, postings=postings, memo="something else")
+        )
     async with engine.connect() as conn:
         assert (await ledger.balance(conn, acc["b"].code)).credits_posted_fen == 5
 
@@ -108,40 +115,58 @@ async def test_malformed_entries_are_refused_before_the_database(
 async def test_unknown_account_and_account_reopening(engine: AsyncEngine, ledger: Ledger) -> None:
     acc = await open_accounts(engine, ledger, {"a": None})
     with pytest.raises(AccountNotFound):
-        await run_in_transaction(engine, lambda c: ledger.transfer(
-            c, key=unique("k-"), postings=[debit(acc["a"].code, 1), credit("no:such:account", 1)]))
+        await run_in_transaction(
+            engine,
+            lambda c: ledger.transfer(
+                c, key=unique("k-"), postings=[debit(acc["a"].code, 1), credit("no:such:account", 1)]
+            ),
+        )
     again = await run_in_transaction(engine, lambda c: ledger.open_account(c, acc["a"].code))
     assert again.id == acc["a"].id
     with pytest.raises(AccountExists):
-        await run_in_transaction(engine, lambda c: ledger.open_account(
-            c, acc["a"].code, limit="debits_must_not_exceed_credits"))
+        await run_in_transaction(
+            engine, lambda c: ledger.open_account(c, acc["a"].code, limit="debits_must_not_exceed_credits")
+        )
     with pytest.raises(InvalidEntry):
         await run_in_transaction(engine, lambda c: ledger.open_account(c, "bad code with spaces"))
 
 
 async def test_hold_post_in_part_and_exactly_once(engine: AsyncEngine, ledger: Ledger) -> None:
-    acc = await open_accounts(engine, ledger, {
-        "world": None, "voucher": "debits_must_not_exceed_credits", "provider": None})
+    acc = await open_accounts(
+        engine, ledger, {"world": None, "voucher": "debits_must_not_exceed_credits", "provider": None}
+    )
     world, voucher, provider = (acc[n].code for n in ("world", "voucher", "provider"))
     await fund(engine, ledger, world, voucher, 1_000)
-    hold = await run_in_transaction(engine, lambda c: ledger.hold(
-        c, key=unique("h-"), postings=[debit(voucher, 600), credit(provider, 600)], timeout_s=3600))
+    hold = await run_in_transaction(
+        engine,
+        lambda c: ledger.hold(
+            c, key=unique("h-"), postings=[debit(voucher, 600), credit(provider, 600)], timeout_s=3600
+        ),
+    )
     async with engine.connect() as conn:
         assert (await ledger.balance(conn, voucher)).available_fen == 400
     # the hold reserves: 401 more is refused
     with pytest.raises(LimitExceeded):
-        await run_in_transaction(engine, lambda c: ledger.transfer(
-            c, key=unique("k-"), postings=[debit(voucher, 401), credit(provider, 401)]))
+        await run_in_transaction(
+            engine,
+            lambda c: ledger.transfer(c, key=unique("k-"), postings=[debit(voucher, 401), credit(provider, 401)]),
+        )
     with pytest.raises(InvalidEntry):
-        await run_in_transaction(engine, lambda c: ledger.post_pending(
-            c, key=unique("p-"), pending_entry_id=hold.id, amount_fen=601))
-    posted = await run_in_transaction(engine, lambda c: ledger.post_pending(
-        c, key=unique("p-"), pending_entry_id=hold.id, amount_fen=250))
+        await run_in_transaction(
+            engine, lambda c: ledger.post_pending(c, key=unique("p-"), pending_entry_id=hold.id, amount_fen=601)
+        )
+    posted = await run_in_transaction(
+        engine, lambda c: ledger.post_pending(c, key=unique("p-"), pending_entry_id=hold.id, amount_fen=250)
+    )
     assert posted.kind == "post_pending"
     for again in (ledger.post_pending, ledger.void_pending):
         with pytest.raises(PendingResolved):
-            await run_in_transaction(engine, lambda c, f=again: f(  # type: ignore[misc]
-                c, key=unique("p-"), pending_entry_id=hold.id))
+            await run_in_transaction(
+                engine,
+                lambda c, f=again: f(  # type: ignore[misc]
+                    c, key=unique("p-"), pending_entry_id=hold.id
+                ),
+            )
     async with engine.connect() as conn:
         v = await ledger.balance(conn, voucher)
         p = await ledger.balance(conn, provider)
@@ -152,8 +177,12 @@ async def test_hold_post_in_part_and_exactly_once(engine: AsyncEngine, ledger: L
 async def test_void_releases_everything(engine: AsyncEngine, ledger: Ledger) -> None:
     acc = await open_accounts(engine, ledger, {"world": None, "v": "debits_must_not_exceed_credits", "p": None})
     await fund(engine, ledger, acc["world"].code, acc["v"].code, 100)
-    hold = await run_in_transaction(engine, lambda c: ledger.hold(
-        c, key=unique("h-"), postings=[debit(acc["v"].code, 100), credit(acc["p"].code, 100)], timeout_s=60))
+    hold = await run_in_transaction(
+        engine,
+        lambda c: ledger.hold(
+            c, key=unique("h-"), postings=[debit(acc["v"].code, 100), credit(acc["p"].code, 100)], timeout_s=60
+        ),
+    )
     await run_in_transaction(engine, lambda c: ledger.void_pending(c, key=unique("v-"), pending_entry_id=hold.id))
     async with engine.connect() as conn:
         assert (await ledger.balance(conn, acc["v"].code)).available_fen == 100
@@ -163,16 +192,18 @@ async def test_expired_hold_releases_itself_and_cannot_be_posted(engine: AsyncEn
     acc = await open_accounts(engine, ledger, {"world": None, "v": "debits_must_not_exceed_credits", "p": None})
     v, p = acc["v"].code, acc["p"].code
     await fund(engine, ledger, acc["world"].code, v, 100)
-    hold = await run_in_transaction(engine, lambda c: ledger.hold(
-        c, key=unique("h-"), postings=[debit(v, 100), credit(p, 100)], timeout_s=1))
+    hold = await run_in_transaction(
+        engine, lambda c: ledger.hold(c, key=unique("h-"), postings=[debit(v, 100), credit(p, 100)], timeout_s=1)
+    )
     await asyncio.sleep(1.2)
     async with engine.connect() as conn:  # at read time
         assert (await ledger.balance(conn, v)).available_fen == 100
     with pytest.raises(PendingExpired):
         await run_in_transaction(engine, lambda c: ledger.post_pending(c, key=unique("p-"), pending_entry_id=hold.id))
     # a write that needs the reserved money releases the expired hold in its own transaction
-    await run_in_transaction(engine, lambda c: ledger.transfer(
-        c, key=unique("k-"), postings=[debit(v, 100), credit(p, 100)]))
+    await run_in_transaction(
+        engine, lambda c: ledger.transfer(c, key=unique("k-"), postings=[debit(v, 100), credit(p, 100)])
+    )
     async with engine.connect() as conn:
         entry_kinds = [e.kind for e in await ledger.entries(conn, account_prefix=v)]
         assert "expire_pending" in entry_kinds
@@ -183,8 +214,12 @@ async def test_expired_hold_releases_itself_and_cannot_be_posted(engine: AsyncEn
 async def test_sweeper_expires_due_holds(engine: AsyncEngine, ledger: Ledger) -> None:
     acc = await open_accounts(engine, ledger, {"world": None, "v": "debits_must_not_exceed_credits", "p": None})
     await fund(engine, ledger, acc["world"].code, acc["v"].code, 10)
-    hold = await run_in_transaction(engine, lambda c: ledger.hold(
-        c, key=unique("h-"), postings=[debit(acc["v"].code, 10), credit(acc["p"].code, 10)], timeout_s=1))
+    hold = await run_in_transaction(
+        engine,
+        lambda c: ledger.hold(
+            c, key=unique("h-"), postings=[debit(acc["v"].code, 10), credit(acc["p"].code, 10)], timeout_s=1
+        ),
+    )
     await asyncio.sleep(1.2)
     async with engine.connect() as conn:
         assert hold.id in await ledger.due_holds(conn, limit=10_000)
@@ -200,8 +235,9 @@ async def test_reversal_compensates_once(engine: AsyncEngine, ledger: Ledger) ->
     acc = await open_accounts(engine, ledger, {"world": None, "v": "debits_must_not_exceed_credits", "p": None})
     v, p = acc["v"].code, acc["p"].code
     await fund(engine, ledger, acc["world"].code, v, 100)
-    spend = await run_in_transaction(engine, lambda c: ledger.transfer(
-        c, key=unique("k-"), postings=[debit(v, 70), credit(p, 70)]))
+    spend = await run_in_transaction(
+        engine, lambda c: ledger.transfer(c, key=unique("k-"), postings=[debit(v, 70), credit(p, 70)])
+    )
     reversal = await run_in_transaction(engine, lambda c: ledger.reverse(c, key=unique("r-"), entry_id=spend.id))
     assert reversal.reverses_entry_id == spend.id
     assert [(x.account, x.direction, x.amount_fen) for x in reversal.postings] == [(v, "credit", 70), (p, "debit", 70)]
@@ -215,8 +251,10 @@ async def test_reversal_compensates_once(engine: AsyncEngine, ledger: Ledger) ->
 
 async def test_the_database_refuses_edits_and_unbalanced_entries(engine: AsyncEngine, ledger: Ledger) -> None:
     acc = await open_accounts(engine, ledger, {"a": None, "b": "debits_must_not_exceed_credits"})
-    entry = await run_in_transaction(engine, lambda c: ledger.transfer(
-        c, key=unique("k-"), postings=[debit(acc["a"].code, 9), credit(acc["b"].code, 9)]))
+    entry = await run_in_transaction(
+        engine,
+        lambda c: ledger.transfer(c, key=unique("k-"), postings=[debit(acc["a"].code, 9), credit(acc["b"].code, 9)]),
+    )
     statements = [
         f"UPDATE ledger_entry SET memo = 'edited' WHERE id = {entry.id}",
         f"DELETE FROM ledger_posting WHERE entry_id = {entry.id}",
@@ -240,12 +278,19 @@ async def test_the_database_refuses_edits_and_unbalanced_entries(engine: AsyncEn
             assert sqlstate(failure.value) in ("VL001", "23514"), statement
     # an entry whose postings do not balance fails at commit (deferred constraint trigger)
     async with engine.connect() as conn:
-        new_id = await conn.scalar(text(
-            "INSERT INTO ledger_entry (idempotency_key, request_hash, kind) "
-            "VALUES (:k, sha256('x'::bytea), 'transfer') RETURNING id"), {"k": unique("raw-")})
-        await conn.execute(text(
-            f"INSERT INTO ledger_posting VALUES ({new_id}, 0, {acc['a'].id}, 'debit', 'posted', 5), "
-            f"({new_id}, 1, {acc['b'].id}, 'credit', 'posted', 4)"))
+        new_id = await conn.scalar(
+            text(
+                "INSERT INTO ledger_entry (idempotency_key, request_hash, kind) "
+                "VALUES (:k, sha256('x'::bytea), 'transfer') RETURNING id"
+            ),
+            {"k": unique("raw-")},
+        )
+        await conn.execute(
+            text(
+                f"INSERT INTO ledger_posting VALUES ({new_id}, 0, {acc['a'].id}, 'debit', 'posted', 5), "
+                f"({new_id}, 1, {acc['b'].id}, 'credit', 'posted', 4)"
+            )
+        )
         with pytest.raises(DBAPIError) as failure:
             await conn.commit()
         assert sqlstate(failure.value) == "VL002"
@@ -266,8 +311,12 @@ async def test_append_only_violation_maps_to_a_domain_error(engine: AsyncEngine,
 async def test_chain_seals_verifies_and_detects_tampering(engine: AsyncEngine, ledger: Ledger) -> None:
     acc = await open_accounts(engine, ledger, {"a": None, "b": None})
     for amount in (1, 2, 3):
-        await run_in_transaction(engine, lambda c, n=amount: ledger.transfer(  # type: ignore[misc]
-            c, key=unique("k-"), postings=[debit(acc["a"].code, n), credit(acc["b"].code, n)]))
+        await run_in_transaction(
+            engine,
+            lambda c, n=amount: ledger.transfer(  # type: ignore[misc]
+                c, key=unique("k-"), postings=[debit(acc["a"].code, n), credit(acc["b"].code, n)]
+            ),
+        )
     while await run_in_transaction(engine, ledger.seal):
         pass
     async with engine.connect() as conn:
@@ -282,12 +331,22 @@ async def test_chain_seals_verifies_and_detects_tampering(engine: AsyncEngine, l
     sealed = entries[-1]
     assert sealed.chain_seq is not None and sealed.hash is not None and sealed.prev_hash is not None
     document = {
-        "chain_seq": sealed.chain_seq, "id": sealed.id, "kind": sealed.kind,
-        "idempotency_key": sealed.idempotency_key, "pending_entry_id": None, "reverses_entry_id": None,
-        "expires_at": None, "memo": sealed.memo, "metadata": sealed.metadata, "created_at": sealed.created_at,
-        "postings": [{"account": p.account, "direction": p.direction, "phase": p.phase, "amount_fen": p.amount_fen}
-                     for p in sealed.postings],
-        "prev_hash": sealed.prev_hash, "hash": sealed.hash,
+        "chain_seq": sealed.chain_seq,
+        "id": sealed.id,
+        "kind": sealed.kind,
+        "idempotency_key": sealed.idempotency_key,
+        "pending_entry_id": None,
+        "reverses_entry_id": None,
+        "expires_at": None,
+        "memo": sealed.memo,
+        "metadata": sealed.metadata,
+        "created_at": sealed.created_at,
+        "postings": [
+            {"account": p.account, "direction": p.direction, "phase": p.phase, "amount_fen": p.amount_fen}
+            for p in sealed.postings
+        ],
+        "prev_hash": sealed.prev_hash,
+        "hash": sealed.hash,
     }
     assert chain.verify([document], sealed.prev_hash, sealed.chain_seq).ok
     document["postings"][0]["amount_fen"] += 1  # type: ignore[index]
@@ -310,3 +369,39 @@ async def test_point_in_time_balances(engine: AsyncEngine, ledger: Ledger) -> No
     assert (then.credits_posted_fen, now.credits_posted_fen, before) == (10, 15, [])
     assert trial.total_debits_fen == trial.total_credits_fen
     assert trial_then.total_debits_fen == trial_then.total_credits_fen
+
+
+async def test_a_write_joins_the_callers_transaction(engine: AsyncEngine, ledger: Ledger) -> None:
+    acc = await open_accounts(engine, ledger, {"a": None, "b": None})
+    keys = [unique("rolled-back-"), unique("committed-")]
+    async with engine.connect() as conn:
+        await ledger.transfer(conn, key=keys[0], postings=[debit(acc["a"].code, 3), credit(acc["b"].code, 3)])
+        await conn.rollback()
+    async with engine.connect() as conn:
+        await ledger.transfer(conn, key=keys[1], postings=[debit(acc["a"].code, 4), credit(acc["b"].code, 4)])
+        await conn.execute(text("SELECT 1"))
+        await conn.commit()
+    async with engine.connect() as conn:
+        found = (
+            (
+                await conn.execute(
+                    text("SELECT idempotency_key FROM ledger_entry WHERE idempotency_key = ANY(:k)"), {"k": keys}
+                )
+            )
+            .scalars()
+            .all()
+        )
+        assert found == [keys[1]]
+        assert (await ledger.balance(conn, acc["b"].code)).credits_posted_fen == 4
+
+
+async def test_a_single_statement_write_is_durable_on_its_own(engine: AsyncEngine, ledger: Ledger) -> None:
+    from ledger.service import run_statement
+
+    acc = await open_accounts(engine, ledger, {"a": None, "b": None})
+    entry = await run_statement(
+        engine,
+        lambda c: ledger.transfer(c, key=unique("s-"), postings=[debit(acc["a"].code, 3), credit(acc["b"].code, 3)]),
+    )
+    async with engine.connect() as conn:
+        assert (await ledger.entry(conn, entry.id)).postings[1].amount_fen == 3

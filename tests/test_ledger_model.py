@@ -133,8 +133,10 @@ class LedgerMachine(RuleBasedStateMachine):
             return None
         key = unique("t-")
         postings = [debit(self.code(source), amount), credit(self.code(target_name), amount)]
-        entry = self.attempt(lambda c: self.ledger.transfer(c, key=key, postings=postings),
-                             [(source, "debit", "posted", amount), (target_name, "credit", "posted", amount)])
+        entry = self.attempt(
+            lambda c: self.ledger.transfer(c, key=key, postings=postings),
+            [(source, "debit", "posted", amount), (target_name, "credit", "posted", amount)],
+        )
         if entry is not None:
             self.replays.append((key, postings, entry.id))
             return (entry.id, source, target_name, amount)
@@ -151,7 +153,8 @@ class LedgerMachine(RuleBasedStateMachine):
         postings = [debit(self.code(source), amount), credit(self.code(target_name), amount)]
         entry = self.attempt(
             lambda c: self.ledger.hold(c, key=unique("h-"), postings=postings, timeout_s=3600),
-            [(source, "debit", "pending", amount), (target_name, "credit", "pending", amount)])
+            [(source, "debit", "pending", amount), (target_name, "credit", "pending", amount)],
+        )
         return None if entry is None else (entry.id, source, target_name, amount)
 
     @rule(hold=consumes(holds), part=st.integers(min_value=1, max_value=100))
@@ -160,37 +163,48 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         hold_id, source, target_name, amount = hold
         posted = max(1, amount * part // 100)
-        moves = [(source, "debit", "release", amount), (target_name, "credit", "release", amount),
-                 (source, "debit", "posted", posted), (target_name, "credit", "posted", posted)]
-        self.attempt(lambda c: self.ledger.post_pending(
-            c, key=unique("p-"), pending_entry_id=hold_id, amount_fen=posted), moves)
+        moves = [
+            (source, "debit", "release", amount),
+            (target_name, "credit", "release", amount),
+            (source, "debit", "posted", posted),
+            (target_name, "credit", "posted", posted),
+        ]
+        self.attempt(
+            lambda c: self.ledger.post_pending(c, key=unique("p-"), pending_entry_id=hold_id, amount_fen=posted), moves
+        )
         with pytest.raises(PendingResolved):
-            self.run(run_in_transaction(self.engine, lambda c: self.ledger.void_pending(
-                c, key=unique("v-"), pending_entry_id=hold_id)))
+            self.run(
+                run_in_transaction(
+                    self.engine, lambda c: self.ledger.void_pending(c, key=unique("v-"), pending_entry_id=hold_id)
+                )
+            )
 
     @rule(hold=consumes(holds))
     def void(self, hold: Any) -> None:
         if hold is None:
             return
         hold_id, source, target_name, amount = hold
-        self.attempt(lambda c: self.ledger.void_pending(c, key=unique("v-"), pending_entry_id=hold_id),
-                     [(source, "debit", "release", amount), (target_name, "credit", "release", amount)])
+        self.attempt(
+            lambda c: self.ledger.void_pending(c, key=unique("v-"), pending_entry_id=hold_id),
+            [(source, "debit", "release", amount), (target_name, "credit", "release", amount)],
+        )
 
     @rule(original=consumes(transfers))
     def reverse(self, original: Any) -> None:
         if original is None:
             return
         entry_id, source, target_name, amount = original
-        self.attempt(lambda c: self.ledger.reverse(c, key=unique("r-"), entry_id=entry_id),
-                     [(source, "credit", "posted", amount), (target_name, "debit", "posted", amount)])
+        self.attempt(
+            lambda c: self.ledger.reverse(c, key=unique("r-"), entry_id=entry_id),
+            [(source, "credit", "posted", amount), (target_name, "debit", "posted", amount)],
+        )
 
     @rule(data=st.data())
     def replay(self, data: st.DataObject) -> None:
         if not self.replays:
             return
         key, postings, entry_id = data.draw(st.sampled_from(self.replays))
-        again = self.run(run_in_transaction(self.engine, lambda c: self.ledger.transfer(
-            c, key=key, postings=postings)))
+        again = self.run(run_in_transaction(self.engine, lambda c: self.ledger.transfer(c, key=key, postings=postings)))
         assert again.id == entry_id and again.replayed
 
     @rule()
@@ -206,16 +220,28 @@ class LedgerMachine(RuleBasedStateMachine):
                 if len(mine) == len(ACCOUNTS):
                     for name, expected in self.model.totals.items():
                         got = mine[self.code(name)]
-                        assert (got.debits_posted_fen, got.credits_posted_fen, got.debits_pending_fen,
-                                got.credits_pending_fen) == (expected.dp, expected.cp, expected.dq, expected.cq), name
-                sums = (await conn.execute(text(
-                    "SELECT sum(CASE WHEN direction = 'debit' THEN amount ELSE -amount END) AS net, phase "
-                    "FROM ledger_posting GROUP BY phase"))).all()
+                        assert (
+                            got.debits_posted_fen,
+                            got.credits_posted_fen,
+                            got.debits_pending_fen,
+                            got.credits_pending_fen,
+                        ) == (expected.dp, expected.cp, expected.dq, expected.cq), name
+                sums = (
+                    await conn.execute(
+                        text(
+                            "SELECT sum(CASE WHEN direction = 'debit' THEN amount ELSE -amount END) AS net, phase "
+                            "FROM ledger_posting GROUP BY phase"
+                        )
+                    )
+                ).all()
                 assert all(row.net == 0 for row in sums), sums
-                crossed = await conn.scalar(text(
-                    "SELECT count(*) FROM ledger_account WHERE "
-                    "(debits_must_not_exceed_credits AND debits_posted + debits_pending > credits_posted) OR "
-                    "(credits_must_not_exceed_debits AND credits_posted + credits_pending > debits_posted)"))
+                crossed = await conn.scalar(
+                    text(
+                        "SELECT count(*) FROM ledger_account WHERE "
+                        "(debits_must_not_exceed_credits AND debits_posted + debits_pending > credits_posted) OR "
+                        "(credits_must_not_exceed_debits AND credits_posted + credits_pending > debits_posted)"
+                    )
+                )
                 assert crossed == 0
                 assert await self.ledger.verify_cached_balances(conn) == []
                 report = await self.ledger.verify_chain(conn, from_seq=self.verified_seq)
@@ -228,6 +254,12 @@ class LedgerMachine(RuleBasedStateMachine):
 @pytest.mark.slow
 def test_ledger_matches_the_model(db_url: str) -> None:
     LedgerMachine.db_url = db_url
-    run_state_machine_as_test(LedgerMachine, settings=settings(
-        max_examples=12, stateful_step_count=25, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    run_state_machine_as_test(
+        LedgerMachine,
+        settings=settings(
+            max_examples=12,
+            stateful_step_count=25,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )

@@ -34,15 +34,22 @@ async def outcomes(calls: list[Any]) -> list[Any]:
 
 async def test_hundred_transfers_never_overdraw(wide_engine: AsyncEngine) -> None:
     ledger = Ledger()
-    acc = await open_accounts(wide_engine, ledger, {
-        "world": None, "voucher": "debits_must_not_exceed_credits", "provider": None})
+    acc = await open_accounts(
+        wide_engine, ledger, {"world": None, "voucher": "debits_must_not_exceed_credits", "provider": None}
+    )
     voucher, provider = acc["voucher"].code, acc["provider"].code
-    await run_in_transaction(wide_engine, lambda c: ledger.transfer(
-        c, key=unique("f-"), postings=[debit(acc["world"].code, 50 * 2_000), credit(voucher, 50 * 2_000)]))
+    await run_in_transaction(
+        wide_engine,
+        lambda c: ledger.transfer(
+            c, key=unique("f-"), postings=[debit(acc["world"].code, 50 * 2_000), credit(voucher, 50 * 2_000)]
+        ),
+    )
 
     def spend() -> Any:
-        return run_in_transaction(wide_engine, lambda c: ledger.transfer(
-            c, key=unique("s-"), postings=[debit(voucher, 2_000), credit(provider, 2_000)]))
+        return run_in_transaction(
+            wide_engine,
+            lambda c: ledger.transfer(c, key=unique("s-"), postings=[debit(voucher, 2_000), credit(provider, 2_000)]),
+        )
 
     results = await outcomes([spend() for _ in range(100)])
     succeeded = [r for r in results if isinstance(r, Entry)]
@@ -58,15 +65,23 @@ async def test_hundred_transfers_never_overdraw(wide_engine: AsyncEngine) -> Non
 
 async def test_fifty_identical_requests_make_one_entry(wide_engine: AsyncEngine) -> None:
     ledger = Ledger()
-    acc = await open_accounts(wide_engine, ledger, {
-        "world": None, "voucher": "debits_must_not_exceed_credits", "provider": None})
-    await run_in_transaction(wide_engine, lambda c: ledger.transfer(
-        c, key=unique("f-"), postings=[debit(acc["world"].code, 500), credit(acc["voucher"].code, 500)]))
+    acc = await open_accounts(
+        wide_engine, ledger, {"world": None, "voucher": "debits_must_not_exceed_credits", "provider": None}
+    )
+    await run_in_transaction(
+        wide_engine,
+        lambda c: ledger.transfer(
+            c, key=unique("f-"), postings=[debit(acc["world"].code, 500), credit(acc["voucher"].code, 500)]
+        ),
+    )
     key = unique("same-")
     postings = [debit(acc["voucher"].code, 300), credit(acc["provider"].code, 300)]
-    results = await outcomes([
-        run_in_transaction(wide_engine, lambda c: ledger.transfer(c, key=key, postings=postings))
-        for _ in range(CONNECTIONS)])
+    results = await outcomes(
+        [
+            run_in_transaction(wide_engine, lambda c: ledger.transfer(c, key=key, postings=postings))
+            for _ in range(CONNECTIONS)
+        ]
+    )
     assert all(isinstance(r, Entry) for r in results), [r for r in results if not isinstance(r, Entry)][:3]
     assert len({r.id for r in results}) == 1
     assert sum(1 for r in results if not r.replayed) == 1
@@ -81,9 +96,12 @@ async def test_fifty_identical_requests_on_unlimited_accounts_make_one_entry(wid
     acc = await open_accounts(wide_engine, ledger, {"a": None, "b": None})
     key = unique("same-")
     postings = [debit(acc["a"].code, 7), credit(acc["b"].code, 7)]
-    results = await outcomes([
-        run_in_transaction(wide_engine, lambda c: ledger.transfer(c, key=key, postings=postings))
-        for _ in range(CONNECTIONS)])
+    results = await outcomes(
+        [
+            run_in_transaction(wide_engine, lambda c: ledger.transfer(c, key=key, postings=postings))
+            for _ in range(CONNECTIONS)
+        ]
+    )
     assert all(isinstance(r, Entry) for r in results), [r for r in results if not isinstance(r, Entry)][:3]
     assert len({r.id for r in results}) == 1
     async with wide_engine.connect() as conn:
@@ -93,14 +111,28 @@ async def test_fifty_identical_requests_on_unlimited_accounts_make_one_entry(wid
 async def test_a_hold_resolves_exactly_once_under_a_race(wide_engine: AsyncEngine) -> None:
     ledger = Ledger()
     acc = await open_accounts(wide_engine, ledger, {"world": None, "v": "debits_must_not_exceed_credits", "p": None})
-    await run_in_transaction(wide_engine, lambda c: ledger.transfer(
-        c, key=unique("f-"), postings=[debit(acc["world"].code, 100), credit(acc["v"].code, 100)]))
-    hold = await run_in_transaction(wide_engine, lambda c: ledger.hold(
-        c, key=unique("h-"), postings=[debit(acc["v"].code, 100), credit(acc["p"].code, 100)], timeout_s=600))
-    calls = [run_in_transaction(wide_engine, lambda c: ledger.post_pending(
-        c, key=unique("p-"), pending_entry_id=hold.id, amount_fen=60)) for _ in range(15)]
-    calls += [run_in_transaction(wide_engine, lambda c: ledger.void_pending(
-        c, key=unique("v-"), pending_entry_id=hold.id)) for _ in range(15)]
+    await run_in_transaction(
+        wide_engine,
+        lambda c: ledger.transfer(
+            c, key=unique("f-"), postings=[debit(acc["world"].code, 100), credit(acc["v"].code, 100)]
+        ),
+    )
+    hold = await run_in_transaction(
+        wide_engine,
+        lambda c: ledger.hold(
+            c, key=unique("h-"), postings=[debit(acc["v"].code, 100), credit(acc["p"].code, 100)], timeout_s=600
+        ),
+    )
+    calls = [
+        run_in_transaction(
+            wide_engine, lambda c: ledger.post_pending(c, key=unique("p-"), pending_entry_id=hold.id, amount_fen=60)
+        )
+        for _ in range(15)
+    ]
+    calls += [
+        run_in_transaction(wide_engine, lambda c: ledger.void_pending(c, key=unique("v-"), pending_entry_id=hold.id))
+        for _ in range(15)
+    ]
     results = await outcomes(calls)
     winners = [r for r in results if isinstance(r, Entry)]
     assert len(winners) == 1
@@ -114,17 +146,31 @@ async def test_a_hold_resolves_exactly_once_under_a_race(wide_engine: AsyncEngin
 async def test_crossing_transfers_do_not_deadlock(wide_engine: AsyncEngine) -> None:
     # A->B and B->A at once: both lock in id order, so neither waits on the other in a cycle
     ledger = Ledger()
-    acc = await open_accounts(wide_engine, ledger, {
-        "world": None, "a": "debits_must_not_exceed_credits", "b": "debits_must_not_exceed_credits"})
+    acc = await open_accounts(
+        wide_engine,
+        ledger,
+        {"world": None, "a": "debits_must_not_exceed_credits", "b": "debits_must_not_exceed_credits"},
+    )
     a, b = acc["a"].code, acc["b"].code
     for target in (a, b):
-        await run_in_transaction(wide_engine, lambda c, t=target: ledger.transfer(  # type: ignore[misc]
-            c, key=unique("f-"), postings=[debit(acc["world"].code, 1_000), credit(t, 1_000)]))
+        await run_in_transaction(
+            wide_engine,
+            lambda c, t=target: ledger.transfer(  # type: ignore[misc]
+                c, key=unique("f-"), postings=[debit(acc["world"].code, 1_000), credit(t, 1_000)]
+            ),
+        )
     calls = []
     for i in range(40):
         source, target = (a, b) if i % 2 else (b, a)
-        calls.append(run_in_transaction(wide_engine, lambda c, s=source, t=target: ledger.transfer(
-            c, key=unique("x-"), postings=[debit(s, 10), credit(t, 10)]), attempts=1))
+        calls.append(
+            run_in_transaction(
+                wide_engine,
+                lambda c, s=source, t=target: ledger.transfer(
+                    c, key=unique("x-"), postings=[debit(s, 10), credit(t, 10)]
+                ),
+                attempts=1,
+            )
+        )
     results = await outcomes(calls)
     assert all(isinstance(r, Entry) for r in results), [r for r in results if not isinstance(r, Entry)][:3]
     async with wide_engine.connect() as conn:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.util import await_only
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,6 +21,14 @@ def alembic_config(url: str) -> Config:
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["configure_logging"] = False
     return config
+
+
+def execute_script(bind: Connection, sql: str) -> None:
+    """Run a multi-statement SQL script inside a migration's transaction, through asyncpg's simple-query
+    protocol (SQLAlchemy's asyncpg adapter prepares every statement, and a prepared statement holds one
+    command; PL/pgSQL bodies make splitting on ';' wrong)."""
+    driver_connection: Any = bind.connection.dbapi_connection.driver_connection  # type: ignore[union-attr]
+    await_only(driver_connection.execute(sql))
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -13,7 +13,8 @@ and TRUNCATE triggers), and each seal links to the one before it.
 from collections.abc import Sequence
 
 from alembic import op
-from sqlalchemy.util import await_only
+
+from app.migrate import execute_script
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -255,6 +256,22 @@ CREATE TRIGGER ledger_seal_links BEFORE INSERT ON ledger_seal
 ------------------------------------------------------------------------------------------------------------
 -- the write path: one round trip per entry
 
+-- What an entry's postings do to each account's four totals (release postings give back what is pending).
+-- A plain SQL function, so the planner inlines it into both statements of ledger_post that use it.
+CREATE FUNCTION ledger_deltas(p_account_ids bigint[], p_directions text[], p_phases text[], p_amounts bigint[])
+RETURNS TABLE (account_id bigint, d_posted bigint, c_posted bigint, d_pending bigint, c_pending bigint)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT u.account_id,
+           (sum(u.amount) FILTER (WHERE u.direction = 'debit' AND u.phase = 'posted'))::bigint,
+           (sum(u.amount) FILTER (WHERE u.direction = 'credit' AND u.phase = 'posted'))::bigint,
+           (sum(CASE WHEN u.phase = 'pending' THEN u.amount WHEN u.phase = 'release' THEN -u.amount END)
+                FILTER (WHERE u.direction = 'debit'))::bigint,
+           (sum(CASE WHEN u.phase = 'pending' THEN u.amount WHEN u.phase = 'release' THEN -u.amount END)
+                FILTER (WHERE u.direction = 'credit'))::bigint
+      FROM unnest(p_account_ids, p_directions, p_phases, p_amounts) AS u(account_id, direction, phase, amount)
+     GROUP BY u.account_id
+$$;
+
 CREATE FUNCTION ledger_post(
     p_key text,
     p_request_hash bytea,
@@ -359,16 +376,7 @@ BEGIN
         IF v_code IS NULL THEN
             SELECT a.id, a.code, n.dp, n.cp, n.dq, n.cq INTO v_violation
               FROM ledger_account a
-              JOIN (SELECT u.account_id,
-                           sum(u.amount) FILTER (WHERE u.direction = 'debit' AND u.phase = 'posted') AS d_posted,
-                           sum(u.amount) FILTER (WHERE u.direction = 'credit' AND u.phase = 'posted') AS c_posted,
-                           sum(CASE WHEN u.phase = 'pending' THEN u.amount WHEN u.phase = 'release' THEN -u.amount END)
-                               FILTER (WHERE u.direction = 'debit') AS d_pending,
-                           sum(CASE WHEN u.phase = 'pending' THEN u.amount WHEN u.phase = 'release' THEN -u.amount END)
-                               FILTER (WHERE u.direction = 'credit') AS c_pending
-                      FROM unnest(p_account_ids, p_directions, p_phases, p_amounts)
-                           AS u(account_id, direction, phase, amount)
-                     GROUP BY u.account_id) d ON d.account_id = a.id
+              JOIN ledger_deltas(p_account_ids, p_directions, p_phases, p_amounts) d ON d.account_id = a.id
               CROSS JOIN LATERAL (SELECT a.debits_posted + coalesce(d.d_posted, 0) AS dp,
                                          a.credits_posted + coalesce(d.c_posted, 0) AS cp,
                                          a.debits_pending + coalesce(d.d_pending, 0) AS dq,
@@ -423,16 +431,7 @@ BEGIN
                credits_posted = a.credits_posted + coalesce(d.c_posted, 0),
                debits_pending = a.debits_pending + coalesce(d.d_pending, 0),
                credits_pending = a.credits_pending + coalesce(d.c_pending, 0)
-          FROM (SELECT u.account_id,
-                       sum(u.amount) FILTER (WHERE u.direction = 'debit' AND u.phase = 'posted') AS d_posted,
-                       sum(u.amount) FILTER (WHERE u.direction = 'credit' AND u.phase = 'posted') AS c_posted,
-                       sum(CASE WHEN u.phase = 'pending' THEN u.amount WHEN u.phase = 'release' THEN -u.amount END)
-                           FILTER (WHERE u.direction = 'debit') AS d_pending,
-                       sum(CASE WHEN u.phase = 'pending' THEN u.amount WHEN u.phase = 'release' THEN -u.amount END)
-                           FILTER (WHERE u.direction = 'credit') AS c_pending
-                  FROM unnest(p_account_ids, p_directions, p_phases, p_amounts)
-                       AS u(account_id, direction, phase, amount)
-                 GROUP BY u.account_id) d
+          FROM ledger_deltas(p_account_ids, p_directions, p_phases, p_amounts) d
          WHERE a.id = d.account_id
            AND (a.debits_must_not_exceed_credits OR a.credits_must_not_exceed_debits);
 
@@ -484,6 +483,7 @@ END $$;
 
 DOWNGRADE = r"""
 DROP FUNCTION IF EXISTS ledger_expire_pending(bigint);
+DROP FUNCTION IF EXISTS ledger_deltas(bigint[], text[], text[], bigint[]);
 DROP FUNCTION IF EXISTS ledger_post(text, bytea, text, bigint, bigint, timestamptz, text, jsonb,
                                     bigint[], text[], text[], bigint[]);
 DROP TABLE IF EXISTS ledger_seal;
@@ -501,16 +501,9 @@ DROP FUNCTION IF EXISTS ledger_refuse_change();
 """
 
 
-def _execute_script(sql: str) -> None:
-    """Run a multi-statement script through asyncpg's simple-query protocol, inside Alembic's transaction
-    (SQLAlchemy's asyncpg adapter prepares every statement, and a prepared statement holds one command)."""
-    driver_connection = op.get_bind().connection.dbapi_connection.driver_connection  # type: ignore[union-attr]
-    await_only(driver_connection.execute(sql))
-
-
 def upgrade() -> None:
-    _execute_script(UPGRADE)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    _execute_script(DOWNGRADE)
+    execute_script(op.get_bind(), DOWNGRADE)

@@ -13,7 +13,8 @@ and a key row is never deleted (the journal's metadata may name the key that ask
 from collections.abc import Sequence
 
 from alembic import op
-from sqlalchemy.util import await_only
+
+from app.migrate import execute_script
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -76,16 +77,9 @@ DROP FUNCTION IF EXISTS api_key_guard();
 """
 
 
-def _execute_script(sql: str) -> None:
-    """Run a multi-statement script through asyncpg's simple-query protocol, inside Alembic's transaction
-    (SQLAlchemy's asyncpg adapter prepares every statement, and a prepared statement holds one command)."""
-    driver_connection = op.get_bind().connection.dbapi_connection.driver_connection  # type: ignore[union-attr]
-    await_only(driver_connection.execute(sql))
-
-
 def upgrade() -> None:
-    _execute_script(UPGRADE)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    _execute_script(DOWNGRADE)
+    execute_script(op.get_bind(), DOWNGRADE)

@@ -5,6 +5,7 @@ The README's settings table lists every field here; keep the two in step.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
     background_tasks: bool = Field(default=True, description="run the chain sealer and hold sweeper")
     api_key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
     page_limit_max: int = Field(default=500, ge=1, le=10_000)
+    # POLICY.md, affiliated parties: X controls Y with equity strictly above this percent (or a control
+    # relation); X influences Y with equity at or above the influence percent (and not above control).
+    affiliation_control_pct: Decimal = Field(default=Decimal("50"), ge=0, le=100)
+    affiliation_influence_pct: Decimal = Field(default=Decimal("20"), ge=0, le=100)
 
 
 @lru_cache

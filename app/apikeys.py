@@ -32,8 +32,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.errors import Forbidden, NotFound, Unauthorized
+from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from app.schemas import RequestModel
+from vouchers.entities import entity_exists
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,10 @@ def new_key() -> tuple[str, str]:
 
 
 async def create_api_key(session: AsyncSession, request: ApiKeyCreate) -> tuple[ApiKey, str]:
-    """Insert a key; return its row and the key itself, which exists nowhere else from now on."""
+    """Insert a key; return its row and the key itself, which exists nowhere else from now on. A key acts for
+    a registered entity only (`422 validation_error` on `entity_id` otherwise)."""
+    if request.entity_id is not None and not await entity_exists(session, request.entity_id):
+        raise ValidationFailed(f"no entity {request.entity_id} is registered", loc=("body", "entity_id"))
     key, prefix = new_key()
     row = ApiKey(
         id="key_" + _random_string(_ID_LENGTH),

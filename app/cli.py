@@ -28,6 +28,7 @@ from app import migrate
 from app.apikeys import ApiKey, ApiKeyCreate, Role, create_api_key
 from app.db import make_engine
 from app.embedded import start_embedded
+from app.errors import ValidationFailed
 from app.log import configure_logging
 from app.settings import Settings, get_settings
 
@@ -149,19 +150,26 @@ def _split_types(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+_OPTIONS = {"role": "--role", "name": "--name", "entity_id": "--entity", "voucher_types": "--types"}
+
+
 def _apikey_create(args: argparse.Namespace, settings: Settings) -> int:
     try:
         request = ApiKeyCreate(
             role=args.role, name=args.name, entity_id=args.entity, voucher_types=_split_types(args.types)
         )
     except ValidationError as exc:
-        options = {"role": "--role", "name": "--name", "entity_id": "--entity", "voucher_types": "--types"}
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""
-            _error(f"{options.get(field, field)}: {error['msg']}")
+            _error(f"{_OPTIONS.get(field, field)}: {error['msg']}")
         return 2
-    with _database(settings) as url:
-        row, key = asyncio.run(_create_key(url, settings, request))
+    try:
+        with _database(settings) as url:
+            row, key = asyncio.run(_create_key(url, settings, request))
+    except ValidationFailed as exc:  # an entity that is not registered
+        field = str(exc.extra["errors"][0]["loc"][-1]) if exc.extra.get("errors") else ""
+        _error(f"{_OPTIONS.get(field, field)}: {exc.detail}")
+        return 2
     print(f"id: {row.id}")
     print(f"role: {row.role}")
     if row.entity_id is not None:

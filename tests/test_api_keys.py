@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.apikeys import KEY_PATTERN
 from app.settings import Settings
-from tests.test_support import assert_problem, bearer, create_key, running_app, unique_entity
+from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app, unique_entity
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ async def admin(engine: AsyncEngine) -> dict[str, str]:
 
 
 async def test_create_list_revoke(client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine) -> None:
-    entity = unique_entity()
+    entity = await create_entity(engine, kind="provider")
     response = await client.post(
         "/v1/api-keys", headers=admin, json={"role": "provider", "name": "till 1", "entity_id": entity}
     )
@@ -173,7 +173,7 @@ async def test_a_limited_admin_hands_out_no_more_than_it_has(client: httpx.Async
         ({"role": "admin", "name": "x", "voucher_types": ["compute", "data"]}, 403),
         ({"role": "auditor", "name": "x"}, 403),
         ({"role": "admin", "name": "x", "voucher_types": ["compute"]}, 201),
-        ({"role": "provider", "name": "x", "entity_id": unique_entity()}, 201),
+        ({"role": "provider", "name": "x", "entity_id": await create_entity(engine, kind="provider")}, 201),
     ]
     for payload, status in cases:
         response = await client.post("/v1/api-keys", headers=limited, json=payload)
@@ -249,3 +249,17 @@ async def test_the_database_backs_the_rules(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         with pytest.raises(DBAPIError, match="revocation is final"):
             await conn.execute(text("UPDATE api_key SET revoked_at = NULL WHERE prefix = :p"), {"p": prefix})
+
+
+@pytest.mark.parametrize("role", ["enterprise", "provider"])
+async def test_a_key_acts_for_a_registered_entity_only(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine, role: str
+) -> None:
+    unknown = unique_entity()
+    payload = {"role": role, "name": "nobody's till", "entity_id": unknown}
+    body = assert_problem(await client.post("/v1/api-keys", headers=admin, json=payload), 422, "validation_error")
+    assert ["body", "entity_id"] in [error["loc"] for error in body["errors"]], body
+    assert unknown in body["detail"]
+    async with engine.connect() as conn:
+        stored = await conn.scalar(text("SELECT count(*) FROM api_key WHERE entity_id = :e"), {"e": unknown})
+    assert stored == 0

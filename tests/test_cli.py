@@ -14,10 +14,12 @@ from typing import IO
 import httpx
 import pytest
 from conftest import create_database, drop_database
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import migrate
 from app.settings import Settings
-from tests.test_support import VOUCHER_LEDGER, bearer, free_port, running_app
+from tests.test_support import VOUCHER_LEDGER, bearer, create_entity, free_port, running_app, unique_entity
 
 STARTUP_WAIT_S = 60  # an embedded server's first start runs initdb
 STOP_WAIT_S = 30
@@ -121,6 +123,25 @@ async def test_apikey_create_refuses_bad_options(db_url: str, args: list[str], c
     result = await _run("apikey", "create", *args, env=_env(DATABASE_URL=db_url))
     assert result.returncode == 2
     assert complaint in result.stderr and result.stdout == ""
+
+
+async def test_apikey_create_binds_a_registered_entity_only(db_url: str, engine: AsyncEngine) -> None:
+    entity = await create_entity(engine, kind="provider")
+    created = await _run(
+        "apikey", "create", "--role", "provider", "--entity", entity, "--name", "till", env=_env(DATABASE_URL=db_url)
+    )
+    assert created.returncode == 0, created.stderr
+    assert f"entity: {entity}" in created.stdout
+
+    unknown = unique_entity()
+    refused = await _run(
+        "apikey", "create", "--role", "provider", "--entity", unknown, "--name", "till", env=_env(DATABASE_URL=db_url)
+    )
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "--entity" in refused.stderr and unknown in refused.stderr
+    async with engine.connect() as conn:
+        stored = await conn.scalar(text("SELECT count(*) FROM api_key WHERE entity_id = :e"), {"e": unknown})
+    assert stored == 0
 
 
 async def test_only_the_documented_commands_exist() -> None:

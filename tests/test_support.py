@@ -20,6 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from app.apikeys import ApiKeyCreate, Role, VoucherType, create_api_key
 from app.main import create_app
 from app.settings import Settings
+from vouchers import entities
+from vouchers.entities import EntityKind, NewEntity
+from vouchers.uscc import make_uscc
 
 VOUCHER_LEDGER = str(Path(sys.executable).with_name("voucher-ledger"))
 
@@ -36,7 +39,27 @@ async def running_app(settings: Settings, app: FastAPI | None = None) -> AsyncIt
 
 
 def unique_entity() -> str:
+    """An entity id that no entity has (registered entities come from `create_entity`)."""
     return f"ent_{uuid.uuid4().hex[:16]}"
+
+
+async def create_entity(
+    engine: AsyncEngine,
+    *,
+    kind: EntityKind | str = EntityKind.ENTERPRISE,
+    name: str | None = None,
+    tags: Sequence[str] = (),
+    division: str = "440106",
+    uscc: str | None = None,
+) -> str:
+    """A committed entity with a fresh valid code in `division` (default 天河区, Guangzhou: presumed
+    eligible; "440300", Shenzhen, is presumed not); returns its id."""
+    uscc = uscc if uscc is not None else make_uscc(division)
+    new = NewEntity(uscc=uscc, name=name or f"test entity {uscc}", kind=EntityKind(kind), tags=tags)
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        entity = await entities.create_entity(session, new, actor_key_id=None)
+        await session.commit()
+    return entity.id
 
 
 async def create_key(
@@ -47,9 +70,9 @@ async def create_key(
     voucher_types: Sequence[VoucherType | str] | None = None,
     name: str = "test",
 ) -> str:
-    """A committed key; enterprise and provider keys get a fresh entity unless one is given."""
+    """A committed key; enterprise and provider keys get a fresh registered entity unless one is given."""
     if entity_id is None and Role(role) in (Role.ENTERPRISE, Role.PROVIDER):
-        entity_id = unique_entity()
+        entity_id = await create_entity(engine, kind=Role(role).value)
     request = ApiKeyCreate.model_validate(
         {"role": role, "name": name, "entity_id": entity_id, "voucher_types": voucher_types}
     )

@@ -1,0 +1,329 @@
+"""Affiliations over HTTP and in the database: recording, ending, reading, checking; roles; bad input
+stores nothing; thresholds from configuration; the per-process graph follows every change at once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from app.settings import Settings
+from tests.affiliation_support import insert_entities, new_entity_id
+from tests.test_support import assert_problem, bearer, create_key, running_app
+from vouchers.affiliations import Thresholds, UnknownEntity, check_affiliation
+
+DEFAULT = Thresholds(Decimal("50"), Decimal("20"))
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with running_app(settings) as client:
+        yield client
+
+
+@pytest.fixture
+async def admin(engine: AsyncEngine) -> dict[str, str]:
+    return bearer(await create_key(engine, "admin", name="affiliations admin"))
+
+
+async def _record(client: httpx.AsyncClient, admin: dict[str, str], **body: Any) -> dict[str, Any]:
+    body.setdefault("valid_from", "2020-01-01")
+    response = await client.post("/v1/affiliations", headers=admin, json=body)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+async def _check(client: httpx.AsyncClient, headers: dict[str, str], a: str, b: str, **params: str) -> Any:
+    response = await client.get("/v1/affiliations/check", headers=headers, params={"a": a, "b": b, **params})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def _count(engine: AsyncEngine, *entity_ids: str) -> int:
+    async with engine.connect() as conn:
+        found = await conn.execute(
+            text("SELECT count(*) FROM affiliation WHERE from_entity_id = ANY(:ids) OR to_entity_id = ANY(:ids)"),
+            {"ids": list(entity_ids)},
+        )
+        return int(found.scalar_one())
+
+
+async def test_record_read_list_end(client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine) -> None:
+    r, a, b = await insert_entities(engine, 3)
+    created = await _record(
+        client, admin, from_entity_id=r, to_entity_id=a, kind="equity", equity_pct=60, source="工商登记 2026"
+    )
+    assert created["id"].startswith("aff_") and len(created["id"]) == 28
+    assert created["equity_pct"] == "60.00" and created["kind"] == "equity"
+    assert created["valid_from"] == "2020-01-01" and created["valid_to"] is None and created["ended_at"] is None
+    assert created["source"] == "工商登记 2026"
+    control = await _record(client, admin, from_entity_id=r, to_entity_id=b, kind="control", valid_from="2021-05-01")
+    assert control["equity_pct"] is None
+
+    got = await client.get(f"/v1/affiliations/{created['id']}", headers=admin)
+    assert got.status_code == 200 and got.json() == created
+
+    # listed for either end, page by page
+    seen = []
+    cursor = None
+    for _ in range(5):
+        params = {"entity_id": r, "limit": "1"} | ({"cursor": cursor} if cursor else {})
+        page = await client.get("/v1/affiliations", headers=admin, params=params)
+        assert page.status_code == 200, page.text
+        seen += [item["id"] for item in page.json()["data"]]
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [created["id"], control["id"]]
+    listed_b = await client.get("/v1/affiliations", headers=admin, params={"entity_id": b})
+    assert [item["id"] for item in listed_b.json()["data"]] == [control["id"]]
+
+    # ended once; the end is final
+    ended = await client.patch(f"/v1/affiliations/{control['id']}", headers=admin, json={"valid_to": "2025-12-31"})
+    assert ended.status_code == 200, ended.text
+    assert ended.json()["valid_to"] == "2025-12-31" and ended.json()["ended_at"] is not None
+    again = await client.patch(f"/v1/affiliations/{control['id']}", headers=admin, json={"valid_to": "2026-12-31"})
+    assert_problem(again, 409, "conflict")
+    early = await client.patch(f"/v1/affiliations/{created['id']}", headers=admin, json={"valid_to": "2019-12-31"})
+    assert_problem(early, 422, "validation_error")
+    missing = "aff_" + "0" * 24
+    assert_problem(
+        await client.patch(f"/v1/affiliations/{missing}", headers=admin, json={"valid_to": "2026-01-01"}),
+        404,
+        "not_found",
+    )
+    assert_problem(await client.get(f"/v1/affiliations/{missing}", headers=admin), 404, "not_found")
+
+    # the end shows in checks: related through the last day, not after
+    on_last_day = await _check(client, admin, a, b, as_of="2025-12-31")
+    assert on_last_day["affiliated"] is True and on_last_day["as_of"] == "2025-12-31"
+    assert [(s["from_entity_id"], s["to_entity_id"]) for s in on_last_day["path"]] == [(r, a), (r, b)]
+    assert on_last_day["path"][0] | {"id": None} == {
+        "id": None,
+        "from_entity_id": r,
+        "to_entity_id": a,
+        "kind": "equity",
+        "equity_pct": "60.00",
+        "effect": "control",
+    }
+    assert (await _check(client, admin, a, b, as_of="2026-01-01"))["affiliated"] is False
+    assert (await _check(client, admin, a, b, as_of="2021-04-30"))["affiliated"] is False
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"equity_pct": 20.005}, "equity_pct"),
+        ({"equity_pct": "20.001"}, "equity_pct"),
+        ({"equity_pct": 0}, "equity_pct"),
+        ({"equity_pct": "0.00"}, "equity_pct"),
+        ({"equity_pct": 100.01}, "equity_pct"),
+        ({"equity_pct": -5}, "equity_pct"),
+        ({"equity_pct": True}, "equity_pct"),
+        ({"equity_pct": "1e1"}, "equity_pct"),
+        ({"equity_pct": None}, "equity_pct"),
+        ({"kind": "control"}, "equity_pct"),
+        ({"kind": "personnel"}, "equity_pct"),
+        ({"kind": "subsidiary"}, "kind"),
+        ({"valid_from": "2026-02-30"}, "valid_from"),
+        ({"valid_from": "2026-01-01T00:00:00"}, "valid_from"),
+        ({"valid_from": 20260101}, "valid_from"),
+        ({"valid_to": "2019-12-31"}, "valid_to"),
+        ({"source": "x" * 501}, "source"),
+        ({"from_entity_id": "self"}, "to_entity_id"),
+        ({"from_entity_id": "unknown"}, "from_entity_id"),
+        ({"to_entity_id": "unknown"}, "to_entity_id"),
+        ({"to_entity_id": "ent_NOT-AN-ID"}, "to_entity_id"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+async def test_bad_input_is_422_and_stores_nothing(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine, change: dict[str, Any], field: str
+) -> None:
+    a, b = await insert_entities(engine, 2)
+    body: dict[str, Any] = {"from_entity_id": a, "to_entity_id": b, "kind": "equity", "equity_pct": "25.5"}
+    body["valid_from"] = "2020-01-01"
+    body |= change
+    if body.get("from_entity_id") == "self":
+        body["from_entity_id"] = b
+    for end in ("from_entity_id", "to_entity_id"):
+        if body[end] == "unknown":
+            body[end] = new_entity_id()
+    response = await client.post("/v1/affiliations", headers=admin, json=body)
+    problem = assert_problem(response, 422, "validation_error")
+    assert field in problem["detail"] or any(field in map(str, e["loc"]) for e in problem["errors"]), problem
+    assert await _count(engine, a, b) == 0
+
+
+async def test_percentages_are_exact(client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine) -> None:
+    a, b = await insert_entities(engine, 2)
+    for sent, stored in ((33.33, "33.33"), ("0.01", "0.01"), (100, "100.00"), (20.000, "20.00"), ("50.1", "50.10")):
+        created = await _record(client, admin, from_entity_id=a, to_entity_id=b, kind="equity", equity_pct=sent)
+        assert created["equity_pct"] == stored
+    raw = b'{"from_entity_id": "%s", "to_entity_id": "%s", "kind": "equity", "equity_pct": 33.3300000000000000001, '
+    raw += b'"valid_from": "2020-01-01"}'
+    response = await client.post(
+        "/v1/affiliations", headers=admin | {"content-type": "application/json"}, content=raw % (a.encode(), b.encode())
+    )
+    assert_problem(response, 422, "validation_error")  # a float would have rounded this to 33.33
+    broken = await client.post("/v1/affiliations", headers=admin | {"content-type": "application/json"}, content=b"{")
+    assert_problem(broken, 422, "validation_error")
+    nan = b'{"from_entity_id": "%s", "to_entity_id": "%s", "kind": "equity", "equity_pct": NaN, '
+    nan += b'"valid_from": "2020-01-01"}'
+    assert_problem(
+        await client.post("/v1/affiliations", headers=admin, content=nan % (a.encode(), b.encode())),
+        422,
+        "validation_error",
+    )
+
+
+async def test_roles(client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine) -> None:
+    mine, other, third, stranger = await insert_entities(engine, 4)
+    await _record(client, admin, from_entity_id=other, to_entity_id=mine, kind="personnel")
+    auditor = bearer(await create_key(engine, "auditor"))
+    provider = bearer(await create_key(engine, "provider", entity_id=mine))
+    enterprise = bearer(await create_key(engine, "enterprise", entity_id=mine))
+    limited_admin = bearer(await create_key(engine, "admin", voucher_types=["compute"]))
+
+    body = {"from_entity_id": mine, "to_entity_id": third, "kind": "control", "valid_from": "2020-01-01"}
+    for who in (auditor, provider, enterprise):
+        assert_problem(await client.post("/v1/affiliations", headers=who, json=body), 403, "forbidden")
+    assert (await client.post("/v1/affiliations", headers=limited_admin, json=body)).status_code == 201
+    assert_problem(await client.post("/v1/affiliations", json=body), 401, "unauthorized")
+
+    assert (await client.get("/v1/affiliations", headers=auditor, params={"entity_id": mine})).status_code == 200
+    for who in (provider, enterprise):
+        assert_problem(await client.get("/v1/affiliations", headers=who), 403, "forbidden")
+
+    # a provider checks for itself, as a or as b; nobody else's pairs
+    for a, b in ((mine, other), (other, mine), (mine, mine)):
+        assert (await _check(client, provider, a, b))["affiliated"] is True
+    assert (await _check(client, provider, mine, stranger))["affiliated"] is False
+    answer = await client.get("/v1/affiliations/check", headers=provider, params={"a": other, "b": third})
+    assert_problem(answer, 403, "forbidden")
+    answer = await client.get("/v1/affiliations/check", headers=provider, params={"a": new_entity_id(), "b": third})
+    assert_problem(answer, 403, "forbidden")
+    answer = await client.get("/v1/affiliations/check", headers=enterprise, params={"a": mine, "b": other})
+    assert_problem(answer, 403, "forbidden")
+    for who in (admin, auditor):
+        assert (await _check(client, who, other, mine))["path"][0]["kind"] == "personnel"
+
+    # unknown entities are 404, for whoever may ask
+    unknown = new_entity_id()
+    assert_problem(
+        await client.get("/v1/affiliations/check", headers=provider, params={"a": mine, "b": unknown}), 404, "not_found"
+    )
+    assert_problem(
+        await client.get("/v1/affiliations/check", headers=admin, params={"a": unknown, "b": mine}), 404, "not_found"
+    )
+    bad_date = await client.get(
+        "/v1/affiliations/check", headers=admin, params={"a": mine, "b": other, "as_of": "2026-13-01"}
+    )
+    assert_problem(bad_date, 422, "validation_error")
+
+
+async def test_as_of_defaults_to_today_in_shanghai(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    a, b = await insert_entities(engine, 2)
+    before = datetime.now(ZoneInfo("Asia/Shanghai")).date()
+    answer = await _check(client, admin, a, b)
+    after = datetime.now(ZoneInfo("Asia/Shanghai")).date()
+    assert answer == {"affiliated": False, "path": [], "as_of": answer["as_of"]}
+    assert before <= date.fromisoformat(answer["as_of"]) <= after
+
+
+async def test_thresholds_come_from_configuration(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine, settings: Settings
+) -> None:
+    r, a, b = await insert_entities(engine, 3)
+    await _record(client, admin, from_entity_id=r, to_entity_id=a, kind="equity", equity_pct="40")
+    await _record(client, admin, from_entity_id=r, to_entity_id=b, kind="equity", equity_pct="40")
+    assert (await _check(client, admin, a, b))["affiliated"] is False  # 40% influences only: siblings are not
+    stricter = settings.model_copy(
+        update={"affiliation_control_pct": Decimal("30"), "affiliation_influence_pct": Decimal("10")}
+    )
+    async with running_app(stricter) as other:
+        answer = await _check(other, admin, a, b)
+    assert answer["affiliated"] is True
+    assert [step["effect"] for step in answer["path"]] == ["control", "control"]
+
+
+async def test_every_change_reaches_the_cached_graph(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    a, b, c = await insert_entities(engine, 3)
+    assert (await _check(client, admin, a, b))["affiliated"] is False  # the graph is now cached
+    # written by another process (straight to the database): the next check sees it
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO affiliation (id, from_entity_id, to_entity_id, kind, valid_from) "
+                "VALUES (:id, :a, :b, 'personnel', DATE '2020-01-01')"
+            ),
+            {"id": "aff_" + new_entity_id()[4:], "a": a, "b": b},
+        )
+    assert (await _check(client, admin, a, b))["affiliated"] is True
+    # recorded through this process: at once too
+    assert (await _check(client, admin, b, c))["affiliated"] is False
+    created = await _record(client, admin, from_entity_id=c, to_entity_id=b, kind="control")
+    assert (await _check(client, admin, a, c))["affiliated"] is True
+    await client.patch(f"/v1/affiliations/{created['id']}", headers=admin, json={"valid_to": "2020-06-30"})
+    assert (await _check(client, admin, a, c))["affiliated"] is False
+    assert (await _check(client, admin, a, c, as_of="2020-06-30"))["affiliated"] is True
+
+
+async def test_service_check_inside_a_session_and_a_rollback(engine: AsyncEngine) -> None:
+    a, b = await insert_entities(engine, 2)
+    insert = text(
+        "INSERT INTO affiliation (id, from_entity_id, to_entity_id, kind, equity_pct, valid_from) "
+        "VALUES (:id, :a, :b, 'equity', 20, DATE '2020-01-01')"
+    )
+    async with AsyncSession(engine) as session:
+        await session.execute(insert, {"id": "aff_" + new_entity_id()[4:], "a": a, "b": b})
+        # the session sees its own uncommitted relation
+        assert (await check_affiliation(session, a, b, date(2026, 1, 1), DEFAULT)).affiliated is True
+        await session.rollback()
+    async with AsyncSession(engine) as session:
+        # the graph loaded inside the rolled-back transaction is not taken for the committed state
+        assert (await check_affiliation(session, a, b, date(2026, 1, 1), DEFAULT)).affiliated is False
+        with pytest.raises(UnknownEntity):
+            await check_affiliation(session, a, new_entity_id(), date(2026, 1, 1), DEFAULT)
+
+
+async def test_rows_are_never_deleted_and_end_once(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    a, b = await insert_entities(engine, 2)
+    created = await _record(client, admin, from_entity_id=a, to_entity_id=b, kind="equity", equity_pct=30)
+    refused = [
+        "DELETE FROM affiliation WHERE id = :id",
+        "UPDATE affiliation SET equity_pct = 31 WHERE id = :id",
+        "UPDATE affiliation SET valid_from = DATE '2019-01-01' WHERE id = :id",
+        "UPDATE affiliation SET valid_to = DATE '2030-01-01' WHERE id = :id",  # an end says when it was made
+        "TRUNCATE affiliation",
+    ]
+    for statement in refused:
+        with pytest.raises(DBAPIError):
+            async with engine.begin() as conn:
+                await conn.execute(text(statement), {"id": created["id"]})
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE affiliation SET valid_to = DATE '2030-01-01', ended_at = now() WHERE id = :id"),
+            {"id": created["id"]},
+        )
+    with pytest.raises(DBAPIError):
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE affiliation SET valid_to = DATE '2031-01-01', ended_at = now() WHERE id = :id"),
+                {"id": created["id"]},
+            )

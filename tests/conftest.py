@@ -108,3 +108,12 @@ async def engine(db_url: str, settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(db_url, settings)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+async def fresh_db_url(server_url: str) -> AsyncIterator[str]:
+    """A database of the test's own, migrated to head: for tests that need a clean year or definitions."""
+    url = await create_database(server_url)
+    await asyncio.to_thread(migrate.upgrade, url)
+    yield url
+    await drop_database(server_url, url)

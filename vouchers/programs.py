@@ -92,7 +92,8 @@ class ProgramDefinition(_Strict):
     automatic_for_tags: list[str] = []
     awards_per_year_max: int | None = Field(default=None, ge=1)
     scenario_fields: list[str] = []
-    notice_days: int = Field(default=0, ge=0, le=90)
+    # the budget is held on the ledger through the notice, and a hold lasts at most 31 days
+    notice_days: int = Field(default=0, ge=0, le=21)
     expiry: Literal["year_end"] | None = None
     redemption: Redemption | None = None
 

@@ -803,6 +803,14 @@ class Ledger:
             raise AccountNotFound(f"unknown account: {code}")
         return found[0]
 
+    async def locked_balance(self, conn: AsyncConnection, code: str) -> Balance:
+        """The account's balance with its row locked until the caller's transaction ends (the lock
+        ledger_post takes): read-then-move decisions (return what is left, say) cannot race a posting."""
+        locked = await conn.scalar(text("SELECT id FROM ledger_account WHERE code = :c FOR NO KEY UPDATE"), {"c": code})
+        if locked is None:
+            raise AccountNotFound(f"unknown account: {code}")
+        return await self.balance(conn, code)
+
     async def trial_balance(self, conn: AsyncConnection, as_of: datetime | None = None) -> TrialBalance:
         rows = tuple(await self.balances(conn, as_of=as_of))
         return TrialBalance(

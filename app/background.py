@@ -10,11 +10,14 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.settings import Settings
 from ledger.service import Ledger, run_in_transaction
+from vouchers.vouchers import expire_due_vouchers, return_released_holds
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +47,24 @@ async def _expire(ledger: Ledger, pending_entry_id: int, conn: AsyncConnection) 
     return await ledger.expire_pending(conn, pending_entry_id)
 
 
-async def run_background(engine: AsyncEngine, ledger: Ledger, settings: Settings) -> None:
-    """Run until cancelled; a failed round is logged and tried again on the next tick."""
+async def run_background(
+    engine: AsyncEngine,
+    ledger: Ledger,
+    settings: Settings,
+    policy_work: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Run until cancelled; a failed round is logged and tried again on the next tick. `policy_work` runs
+    on each sweeper tick after the ledger's own work (notices ending, 免申即享)."""
     next_sweep = 0.0
     while True:
         try:
             await seal_all(engine, ledger)
             if time.monotonic() >= next_sweep:
                 await release_expired_holds(engine, ledger)
+                await expire_due_vouchers(engine, ledger, datetime.now(UTC))  # POLICY.md, Expiry
+                await return_released_holds(engine, ledger)
+                if policy_work is not None:
+                    await policy_work()
                 next_sweep = time.monotonic() + settings.sweeper_interval_s
         except asyncio.CancelledError:
             raise

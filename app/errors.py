@@ -23,6 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ledger import errors as ledger_errors
+from vouchers import applications, notices
+from vouchers.affiliations import AffiliationAlreadyEnded, AffiliationNotFound, InvalidAffiliation, UnknownEntity
+from vouchers.budgets import AppropriationExceeded, BudgetBelowCommitted
+from vouchers.catalog import OutsidePolicyTerm, UnknownProgram
+from vouchers.entities import EntityExists, EntityNotFound, InvalidEntity
+from vouchers.uscc import InvalidUscc
+from vouchers.vouchers import AwardNotReversible, VoucherExpired, VoucherNotFound, VoucherRevoked
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +185,39 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
     ledger_errors.IdempotencyConflict: (422, None),
     ledger_errors.AppendOnlyViolation: (409, None),
     ledger_errors.Refusal: (409, None),
+    # the entity registry (art. 25)
+    InvalidUscc: (422, None),
+    InvalidEntity: (422, "validation_error"),
+    EntityExists: (409, None),
+    EntityNotFound: (404, "not_found"),
+    # programs and budgets (arts. 27, 28)
+    UnknownProgram: (422, "validation_error"),
+    OutsidePolicyTerm: (422, None),
+    AppropriationExceeded: (409, None),
+    BudgetBelowCommitted: (409, None),
+    # affiliated parties (arts. 8, 9)
+    InvalidAffiliation: (422, None),
+    AffiliationNotFound: (404, None),
+    UnknownEntity: (404, None),
+    AffiliationAlreadyEnded: (409, None),
+    # applications and awards
+    applications.InvalidApplication: (422, None),
+    applications.ApplicationNotFound: (404, None),
+    applications.ApplicationNotPending: (409, None),
+    applications.YearClosed: (409, None),
+    applications.CapExceeded: (409, None),
+    applications.NothingOwed: (409, None),
+    applications.AwardLimitReached: (409, None),
+    applications.BudgetExhausted: (409, None),
+    applications.BasisAlreadyUsed: (409, None),
+    applications.PurchaseAlreadyReported: (409, None),
+    notices.ObjectionNotFound: (404, None),
+    notices.ObjectionResolved: (409, None),
+    # vouchers after issue, and reversed awards
+    VoucherNotFound: (404, None),
+    VoucherRevoked: (409, None),
+    VoucherExpired: (409, None),
+    AwardNotReversible: (409, None),
 }
 
 
@@ -205,7 +245,13 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
         return _internal_error_response()
     status, code = mapped
     detail = getattr(exc, "detail", None)
-    return problem_response(status, code, detail if isinstance(detail, str) else HTTPStatus(status).phrase)
+    errors = getattr(exc, "errors", None)  # a domain validation error may say which fields, as FastAPI's do
+    return problem_response(
+        status,
+        code,
+        detail if isinstance(detail, str) else HTTPStatus(status).phrase,
+        extra={"errors": errors} if isinstance(errors, list) and errors else None,
+    )
 
 
 _GENERIC_DETAILS: dict[int, str] = {

@@ -14,7 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from app.apikeys import ApiKeyAuthenticator
 from app.background import run_background
@@ -24,15 +25,24 @@ from app.errors import install_error_handlers
 from app.log import configure_logging
 from app.metrics import LEDGER_ENTRIES_POSTED, MetricsMiddleware
 from app.migrate import head_revision
-from app.routers import api_keys, health, metrics
+from app.policy_tasks import policy_pass
+from app.routers import affiliations as affiliations_router
+from app.routers import api_keys, applications, health, metrics, programs
+from app.routers import entities as entities_router
 from app.routers import ledger as ledger_router
+from app.routers import vouchers as vouchers_router
 from app.settings import Settings, get_settings
 from ledger.service import Ledger
+from vouchers import catalog
+from vouchers.catalog import Catalog
+from vouchers.programs import DEFINITIONS_FILE, load_file
 
 log = logging.getLogger(__name__)
 
 # No request body this API takes comes near this; a larger one is answered 413 without being read whole.
 BODY_SIZE_MAX = 1024 * 1024
+# start-up does not wait longer than this on a database that does not answer
+PUBLISH_TIMEOUT_S = 5
 
 
 def _package_version() -> str:
@@ -52,6 +62,26 @@ def _report_exit(task: asyncio.Task[Any]) -> None:
         log.error("background tasks returned: the chain sealer and hold sweeper no longer run")
 
 
+async def _publish_programs(app: FastAPI, engine: AsyncEngine, settings: Settings) -> Catalog:
+    """Publish the shipped program definitions and read the catalog back from the database, the record of
+    what governed each year. A published version that changed stops start-up; a database that is not
+    reachable or not migrated yet does not (/readyz says so): the file's catalog serves, and the first
+    application publishes the definitions (`ensure_programs_published`)."""
+    definitions = load_file(settings.programs_file or DEFINITIONS_FILE)
+    app.state.programs_published = False
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S), engine.begin() as conn:
+            await catalog.publish(conn, definitions)
+            loaded = await catalog.load(
+                conn, definitions.policy, term_from=settings.policy_term_from, term_to=settings.policy_term_to
+            )
+    except (OSError, TimeoutError, SQLAlchemyError) as exc:
+        log.warning("program definitions not published yet (%s); the database is not ready", type(exc).__name__)
+        return catalog.from_file(definitions, term_from=settings.policy_term_from, term_to=settings.policy_term_to)
+    app.state.programs_published = True
+    return loaded
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -69,9 +99,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.background = None
     try:
         app.state.ledger = Ledger(on_sealed=lambda kind: LEDGER_ENTRIES_POSTED.labels(kind=kind).inc())
+        app.state.catalog = await _publish_programs(app, engine, settings)
         if settings.background_tasks:
             background = asyncio.create_task(
-                run_background(engine, app.state.ledger, settings), name="voucher-ledger background"
+                run_background(engine, app.state.ledger, settings, policy_work=lambda: policy_pass(app.state)),
+                name="voucher-ledger background",
             )
             background.add_done_callback(_report_exit)
             app.state.background = background
@@ -103,5 +135,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(api_keys.router, prefix="/v1")
+    app.include_router(affiliations_router.router, prefix="/v1")
+    app.include_router(entities_router.router, prefix="/v1")
     app.include_router(ledger_router.router, prefix="/v1")
+    app.include_router(programs.router, prefix="/v1")
+    app.include_router(applications.router, prefix="/v1")
+    app.include_router(vouchers_router.router, prefix="/v1")
     return app

@@ -5,6 +5,7 @@ The README's settings table lists every field here; keep the two in step.
 
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -29,12 +30,20 @@ class Settings(BaseSettings):
     sealer_interval_s: float = Field(default=0.2, gt=0, le=60)
     sweeper_interval_s: float = Field(default=1.0, gt=0, le=3600)
     background_tasks: bool = Field(default=True, description="run the chain sealer and hold sweeper")
+    automatic_interval_s: float = Field(default=60.0, gt=0, le=86_400, description="免申即享 pass interval")
     api_key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
     page_limit_max: int = Field(default=500, ge=1, le=10_000)
     # POLICY.md, affiliated parties: X controls Y with equity strictly above this percent (or a control
     # relation); X influences Y with equity at or above the influence percent (and not above control).
     affiliation_control_pct: Decimal = Field(default=Decimal("50"), ge=0, le=100)
     affiliation_influence_pct: Decimal = Field(default=Decimal("20"), ge=0, le=100)
+    # art. 27: each year's appropriation funds the program budgets; at most 500,000,000 元 a year
+    appropriation_fen: int = Field(default=50_000_000_000, gt=0, le=50_000_000_000)
+    # the program definitions to publish at start-up (a later year's notice adds versions to this file)
+    programs_file: Path | None = None
+    # art. 28: the policy term; unset, the definitions file's (2026-01-01 to 2030-12-31)
+    policy_term_from: date | None = None
+    policy_term_to: date | None = None
 
 
 @lru_cache

@@ -486,3 +486,50 @@ async def test_bad_applications_are_refused_and_change_nothing(
     assert_problem(response, 422, code)
     async with engine.connect() as conn:
         assert await conn.scalar(text("SELECT count(*) FROM application")) == before
+
+
+async def test_purchases_and_external_awards_refuse_bad_input_and_wrong_callers(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    buyer = await create_entity(engine)
+    provider = bearer(await create_key(engine, Role.PROVIDER))
+    enterprise = bearer(await create_key(engine, Role.ENTERPRISE, entity_id=buyer))
+    sale = {
+        "buyer_entity_id": buyer,
+        "invoice_no": f"X-{buyer[-6:]}",
+        "category": "compute",
+        "amount_fen": 100,
+        "purchased_on": "2026-02-01",
+    }
+    assert_problem(await client.post("/v1/purchases", headers=admin, json=sale), 403, "forbidden")
+    assert_problem(await client.post("/v1/purchases", headers=enterprise, json=sale), 403, "forbidden")
+    for bad in (
+        {**sale, "amount_fen": -1},
+        {**sale, "amount_fen": 1.5},
+        {**sale, "category": "dataset"},
+        {**sale, "buyer_entity_id": "ent_" + "1" * 24},
+        {**sale, "purchased_on": "yesterday"},
+        {**sale, "extra": True},
+    ):
+        response = await client.post("/v1/purchases", headers=provider, json=bad)
+        assert_problem(response, 422, "validation_error")
+    assert (await client.post("/v1/purchases", headers=provider, json=sale)).status_code == 201
+    assert_problem(await client.post("/v1/purchases", headers=provider, json=sale), 409, "conflict")
+
+    award = {
+        "entity_id": buyer,
+        "basis_ref": f"project:E-{buyer[-6:]}",
+        "policy": "another policy",
+        "amount_fen": 100,
+        "awarded_on": "2026-01-05",
+    }
+    assert_problem(await client.post("/v1/external-awards", headers=enterprise, json=award), 403, "forbidden")
+    for bad in (
+        {**award, "basis_ref": "no-kind"},
+        {**award, "basis_ref": "receipt:1"},
+        {**award, "amount_fen": 0},
+        {**award, "entity_id": "ent_" + "2" * 24},
+    ):
+        assert_problem(await client.post("/v1/external-awards", headers=admin, json=bad), 422, "validation_error")
+    assert (await client.post("/v1/external-awards", headers=admin, json=award)).status_code == 201
+    assert_problem(await client.post("/v1/external-awards", headers=admin, json=award), 409, "basis_already_used")

@@ -61,11 +61,13 @@ CREATE TABLE voucher_token (
     issued_at timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz NOT NULL,
     revoked_at timestamptz,
+    revoked_by text,
     CONSTRAINT voucher_token_jti_format CHECK (jti ~ '^tok_[a-z0-9]{24}$'),
     CONSTRAINT voucher_token_limit CHECK (
         max_amount_fen IS NULL OR (max_amount_fen > 0 AND spent_fen <= max_amount_fen)),
     CONSTRAINT voucher_token_spent CHECK (spent_fen >= 0),
-    CONSTRAINT voucher_token_window CHECK (expires_at > issued_at)
+    CONSTRAINT voucher_token_window CHECK (expires_at > issued_at),
+    CONSTRAINT voucher_token_revoked CHECK (revoked_by IS NULL OR revoked_at IS NOT NULL)
 );
 CREATE INDEX voucher_token_voucher ON voucher_token (voucher_id);
 """

@@ -30,6 +30,7 @@ CREATE TABLE settlement (
     CONSTRAINT settlement_id_format CHECK (id ~ '^stl_[a-z0-9]{24}$'),
     CONSTRAINT settlement_total CHECK (total_fen > 0 AND items_count > 0)
 );
+CREATE INDEX settlement_created ON settlement (created_at, id);
 
 CREATE TABLE settlement_item (
     settlement_id text NOT NULL REFERENCES settlement (id),

@@ -1,0 +1,172 @@
+"""`Idempotency-Key` for the POSTs that move money: the answer is stored with the postings it answers for.
+
+A command route, in its one transaction:
+
+    stored = await idempotency.replay_or_none(conn, caller_key_id=..., key=..., route=ROUTE, request_hash=h)
+    if stored is not None:
+        return idempotency.response(stored)                 # the first answer again: same ids, nothing new
+    ...run the command (a refusal is an answer too)...
+    await idempotency.remember(conn, ..., status_code=201, body=payload)
+    await session.commit()                                  # the record commits with the postings, or neither
+
+Keys are scoped to the caller's API key and never expire. The same key with another body (or on another
+route) is `IdempotencyKeyReused` (422 `idempotency_conflict`). A duplicate that arrives while the first is
+still running waits for it: `replay_or_none` takes a transaction-scoped advisory lock on (caller, key)
+*before* it looks, so the second blocks until the first commits (or rolls back) and then finds its answer
+(or runs the command itself); after `WAIT_S` it gives up with `RequestInProgress` (409
+`request_in_progress`), which is never stored. The lock timeout applies to that one lock only: the
+session's default (`SET LOCAL lock_timeout = DEFAULT`) is restored once it is held, so the command's own
+lock waits are not cut short.
+
+This module imports nothing from `app.errors` (which maps its errors), so it stays free of import cycles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, NamedTuple
+
+from fastapi import Header
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.service import sqlstate
+
+__all__ = [
+    "KEY_LENGTH_MAX",
+    "WAIT_S",
+    "IdempotencyKeyHeader",
+    "IdempotencyKeyReused",
+    "RequestInProgress",
+    "Stored",
+    "remember",
+    "replay_or_none",
+    "request_hash",
+    "response",
+]
+
+KEY_LENGTH_MAX = 255  # the idempotency_record CHECK
+WAIT_S = 10  # how long a duplicate waits for the first request (API.md)
+_LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+_PROBLEM_MEDIA_TYPE = "application/problem+json"  # app.errors.PROBLEM_MEDIA_TYPE (not imported: see above)
+
+IdempotencyKeyHeader = Annotated[
+    str,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=KEY_LENGTH_MAX,
+        description="required: a retry with the same key and body gets the first answer, nothing is done twice",
+    ),
+]
+
+
+class IdempotencyKeyReused(Exception):
+    """The key was used by this caller for a different request (another body or another route)."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class RequestInProgress(Exception):
+    """A request with this key is still running after `WAIT_S` seconds; retry later."""
+
+    code = "request_in_progress"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class Stored(NamedTuple):
+    """The answer given to the key's first request."""
+
+    status_code: int
+    body: dict[str, Any]
+
+
+def request_hash(route: str, body: Any) -> bytes:
+    """SHA-256 of a canonical JSON form of the route and the parsed body (`model_dump(mode="json")`): two
+    bodies that parse to the same request (key order, an explicit default) are the same request."""
+    canonical = json.dumps({"route": route, "body": body}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+async def replay_or_none(
+    conn: AsyncConnection, *, caller_key_id: str, key: str, route: str, request_hash: bytes
+) -> Stored | None:
+    """The stored answer to this caller's `key`, or None when the key is new (the caller runs the command
+    and `remember`s its answer in this transaction). Holds the key's lock until the transaction ends."""
+    assert 1 <= len(key) <= KEY_LENGTH_MAX and len(request_hash) == 32
+    await conn.execute(text(f"SET LOCAL lock_timeout = '{WAIT_S}s'"))
+    try:
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"),
+            {"name": f"idempotency:{caller_key_id}:{key}"},
+        )
+    except DBAPIError as exc:
+        if sqlstate(exc) == _LOCK_NOT_AVAILABLE:
+            raise RequestInProgress(
+                f"a request with this Idempotency-Key is still running after {WAIT_S} s; retry later"
+            ) from exc
+        raise
+    await conn.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+    # a statement of its own, after the lock: under READ COMMITTED it sees what the first request committed
+    row = (
+        await conn.execute(
+            text(
+                "SELECT route, request_hash, status_code, response::text AS response FROM idempotency_record "
+                "WHERE caller_key_id = :caller AND idempotency_key = :key"
+            ),
+            {"caller": caller_key_id, "key": key},
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.route != route or bytes(row.request_hash) != request_hash:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was already used for a different request; use a new key for a new request"
+        )
+    body: dict[str, Any] = json.loads(row.response)
+    return Stored(int(row.status_code), body)
+
+
+async def remember(
+    conn: AsyncConnection,
+    *,
+    caller_key_id: str,
+    key: str,
+    route: str,
+    request_hash: bytes,
+    status_code: int,
+    body: dict[str, Any],
+) -> None:
+    """Store the answer to the key's first request, in the caller's transaction (commit it with the
+    command's postings). Only after `replay_or_none` answered None in this same transaction."""
+    assert 200 <= status_code < 500, "a server error is not an answer to keep"
+    await conn.execute(
+        text(
+            "INSERT INTO idempotency_record (caller_key_id, idempotency_key, route, request_hash, status_code, "
+            "response) VALUES (:caller, :key, :route, :hash, :status, CAST(:body AS jsonb))"
+        ),
+        {
+            "caller": caller_key_id,
+            "key": key,
+            "route": route,
+            "hash": request_hash,
+            "status": status_code,
+            "body": json.dumps(body, ensure_ascii=False),
+        },
+    )
+
+
+def response(stored: Stored) -> JSONResponse:
+    """The stored answer as sent the first time (a problem document for an error status)."""
+    media_type = _PROBLEM_MEDIA_TYPE if stored.status_code >= 400 else "application/json"
+    return JSONResponse(stored.body, status_code=stored.status_code, media_type=media_type)

@@ -1,4 +1,4 @@
-"""`voucher-ledger`: serve, migrate, apikey create.
+"""`voucher-ledger`: serve, migrate, apikey create, keys rotate.
 
 Without `DATABASE_URL` every command uses the embedded PostgreSQL in `VL_DATA_DIR`; commands run at the
 same time in the same folder reach the same server, which stops when the last of them exits.
@@ -31,6 +31,7 @@ from app.embedded import start_embedded
 from app.errors import ValidationFailed
 from app.log import configure_logging
 from app.settings import Settings, get_settings
+from vouchers import keys
 
 PROG = "voucher-ledger"
 # A request still running this long after SIGTERM is cut off: a stop must not hang on one client.
@@ -184,6 +185,41 @@ def _apikey_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# keys rotate
+
+
+async def _rotate_key(url: str, settings: Settings) -> str:
+    secret = settings.key_encryption_key
+    kek = keys.load_kek(secret.get_secret_value() if secret is not None else None, settings.data_dir)
+    engine = make_engine(url, settings)
+    try:
+        async with engine.connect() as connection:
+            try:
+                versions = set((await connection.execute(text("SELECT version_num FROM alembic_version"))).scalars())
+            except SQLAlchemyError:
+                versions = set()
+        head = migrate.head_revision()
+        if versions != {head}:
+            raise CommandFailed(f"the database is not migrated to {head}: run `{PROG} migrate` first")
+        async with engine.begin() as connection:
+            return await keys.rotate(connection, kek)
+    finally:
+        await engine.dispose()
+
+
+def _keys_rotate(_args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        with _database(settings) as url:
+            kid = asyncio.run(_rotate_key(url, settings))
+    except keys.KeyEncryptionKeyError as exc:
+        raise CommandFailed(str(exc)) from None
+    print("a new signing key is active; the previous one is retired and stays in the JWKS")
+    print("new kid on the next line:", flush=True)
+    print(kid)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 
 
 def _port(value: str) -> int:
@@ -221,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--types", metavar="TYPES", help="admin keys: voucher types, e.g. compute,data")
     create.add_argument("--name", required=True, help="what the key is for, e.g. the system that holds it")
     create.set_defaults(handler=_apikey_create)
+
+    keys_ = commands.add_parser("keys", help="manage the keys that sign voucher tokens")
+    keys_commands = keys_.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    rotate = keys_commands.add_parser("rotate", help="a new active signing key; its kid is the last line")
+    rotate.set_defaults(handler=_keys_rotate)
     return parser
 
 

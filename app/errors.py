@@ -22,12 +22,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.idempotency import IdempotencyKeyReused, RequestInProgress
 from ledger import errors as ledger_errors
-from vouchers import applications, notices
+from vouchers import applications, notices, redemption
 from vouchers.affiliations import AffiliationAlreadyEnded, AffiliationNotFound, InvalidAffiliation, UnknownEntity
 from vouchers.budgets import AppropriationExceeded, BudgetBelowCommitted
 from vouchers.catalog import OutsidePolicyTerm, UnknownProgram
 from vouchers.entities import EntityExists, EntityNotFound, InvalidEntity
+from vouchers.settlements import NothingToSettle, SettlementNotFound
+from vouchers.tokens import InvalidToken, InvalidTokenRequest, TokenNotFound, WrongProvider
 from vouchers.uscc import InvalidUscc
 from vouchers.vouchers import AwardNotReversible, VoucherExpired, VoucherNotFound, VoucherRevoked
 
@@ -212,13 +215,56 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
     applications.BasisAlreadyUsed: (409, None),
     applications.PurchaseAlreadyReported: (409, None),
     notices.ObjectionNotFound: (404, None),
+    # redemption (arts. 8, 9, 11)
+    redemption.VoucherExhausted: (409, None),
+    redemption.AffiliatedParty: (403, None),
+    redemption.NotTheVendor: (403, None),
+    redemption.NothingEligible: (409, None),
+    redemption.TokenLimitReached: (409, None),
+    redemption.InvoiceAlreadyRedeemed: (409, None),
+    redemption.RedemptionNotFound: (404, None),
+    redemption.RefundTooLarge: (409, None),
+    redemption.HoldNotFound: (404, None),
+    redemption.HoldNotPending: (409, None),
+    redemption.HoldExpired: (409, None),
     notices.ObjectionResolved: (409, None),
     # vouchers after issue, and reversed awards
     VoucherNotFound: (404, None),
     VoucherRevoked: (409, None),
     VoucherExpired: (409, None),
     AwardNotReversible: (409, None),
+    # voucher tokens: a token that does not verify is 401; a sound one narrowed to another provider is 403
+    InvalidToken: (401, None),
+    WrongProvider: (403, None),
+    TokenNotFound: (404, None),
+    InvalidTokenRequest: (422, None),
+    # idempotent commands (app/idempotency.py) and settlement
+    IdempotencyKeyReused: (422, None),
+    RequestInProgress: (409, None),
+    NothingToSettle: (409, None),
+    SettlementNotFound: (404, None),
 }
+
+
+def domain_problem(exc: Exception) -> tuple[int, dict[str, Any]] | None:
+    """The status and problem body a mapped domain error answers with (None: not a domain error); for
+    routes that store their answer (idempotent commands) before sending it."""
+    mapped = domain_status(exc)
+    if mapped is None:
+        return None
+    status, code = mapped
+    detail = getattr(exc, "detail", None)
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail if isinstance(detail, str) else HTTPStatus(status).phrase,
+        "code": code,
+    }
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list) and errors:
+        body["errors"] = errors
+    return status, body
 
 
 def domain_status(exc: Exception) -> tuple[int, str] | None:

@@ -27,13 +27,15 @@ from app.metrics import LEDGER_ENTRIES_POSTED, MetricsMiddleware
 from app.migrate import head_revision
 from app.policy_tasks import policy_pass
 from app.routers import affiliations as affiliations_router
-from app.routers import api_keys, applications, health, metrics, programs
+from app.routers import api_keys, applications, health, metrics, programs, redemptions
 from app.routers import entities as entities_router
 from app.routers import ledger as ledger_router
+from app.routers import settlements as settlements_router
+from app.routers import tokens as tokens_router
 from app.routers import vouchers as vouchers_router
 from app.settings import Settings, get_settings
 from ledger.service import Ledger
-from vouchers import catalog
+from vouchers import catalog, keys
 from vouchers.catalog import Catalog
 from vouchers.programs import DEFINITIONS_FILE, load_file
 
@@ -82,6 +84,26 @@ async def _publish_programs(app: FastAPI, engine: AsyncEngine, settings: Setting
     return loaded
 
 
+async def _load_keyring(engine: AsyncEngine, settings: Settings) -> keys.KeyRing:
+    """The signing keys, the first one made if there is none. A KEK that is malformed, stored unsafely or
+    not the one the keys were sealed under stops start-up (KeyEncryptionKeyError says which); a database not
+    reachable or not migrated yet does not: the ring loads on first use."""
+    secret = settings.key_encryption_key
+    kek = await asyncio.to_thread(
+        keys.load_kek, secret.get_secret_value() if secret is not None else None, settings.data_dir
+    )
+    keyring = keys.KeyRing(kek, issuer=settings.token_issuer, token_ttl_s=settings.token_ttl_s)
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S), engine.begin() as conn:
+            await keys.ensure_active_key(conn, kek)
+            await keyring.load(conn)
+    except (OSError, TimeoutError, SQLAlchemyError) as exc:
+        log.warning("signing keys not loaded yet (%s); the database is not ready", type(exc).__name__)
+        return keyring
+    keyring.unlock()
+    return keyring
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -100,6 +122,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         app.state.ledger = Ledger(on_sealed=lambda kind: LEDGER_ENTRIES_POSTED.labels(kind=kind).inc())
         app.state.catalog = await _publish_programs(app, engine, settings)
+        app.state.keyring = await _load_keyring(engine, settings)
         if settings.background_tasks:
             background = asyncio.create_task(
                 run_background(engine, app.state.ledger, settings, policy_work=lambda: policy_pass(app.state)),
@@ -140,5 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ledger_router.router, prefix="/v1")
     app.include_router(programs.router, prefix="/v1")
     app.include_router(applications.router, prefix="/v1")
+    app.include_router(redemptions.router, prefix="/v1")
     app.include_router(vouchers_router.router, prefix="/v1")
+    app.include_router(tokens_router.router, prefix="/v1")
+    app.include_router(tokens_router.well_known)
+    app.include_router(settlements_router.router, prefix="/v1")
     return app

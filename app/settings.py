@@ -10,7 +10,7 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     # art. 28: the policy term; unset, the definitions file's (2026-01-01 to 2030-12-31)
     policy_term_from: date | None = None
     policy_term_to: date | None = None
+    # voucher tokens (vouchers/keys.py, vouchers/tokens.py): the key-encryption key sealing the signing keys
+    # (base64 or base64url of 32 bytes; unset: the file `kek` in data_dir, made 0600 on first start)
+    key_encryption_key: SecretStr | None = Field(default=None, repr=False)
+    token_issuer: str = Field(default="voucher-ledger", min_length=1, max_length=200)
+    token_ttl_s: int = Field(default=86_400, ge=60, le=366 * 86_400, description="default token lifetime")
 
 
 @lru_cache

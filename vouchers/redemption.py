@@ -1,0 +1,596 @@
+"""Redemption: a provider presents a voucher token with an invoice and is paid the program's share of the
+eligible lines, at most what the voucher (and the token) still hold, in one balanced entry.
+
+Locks are taken in one order everywhere: the voucher row (FOR SHARE here; revocation and expiry take it FOR
+UPDATE), the token row, then the voucher's ledger account; so a redemption and a revocation never both
+spend the same fen, and concurrent redemptions of one voucher queue on its account and each sees what the
+one before it left (partial redemption, then `voucher_exhausted`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.postings import credit, debit
+from ledger.service import Ledger
+from vouchers.applications import AffiliationChecker, new_id
+from vouchers.budgets import budget_account
+from vouchers.catalog import Catalog
+from vouchers.errors import VoucherError
+from vouchers.rules import SHANGHAI, share_of
+from vouchers.vouchers import VoucherExpired, VoucherNotFound, VoucherRevoked, voucher_account
+
+
+class VoucherExhausted(VoucherError):
+    code = "voucher_exhausted"
+
+
+class AffiliatedParty(VoucherError):
+    code = "affiliated_party"
+
+    def __init__(self, detail: str, path: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__(detail)
+        self.errors = [{"path": list(path)}]
+
+
+class NotTheVendor(VoucherError):
+    code = "wrong_provider"
+
+
+class NothingEligible(VoucherError):
+    code = "nothing_eligible"
+
+
+class TokenLimitReached(VoucherError):
+    code = "token_limit_reached"
+
+
+class InvoiceAlreadyRedeemed(VoucherError):
+    code = "conflict"
+
+
+class RedemptionNotFound(VoucherError):
+    code = "not_found"
+
+
+class RefundTooLarge(VoucherError):
+    code = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    category: str
+    amount_fen: int
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """What a verified voucher token says (see vouchers/tokens.py)."""
+
+    jti: str
+    voucher_id: str
+    holder_entity_id: str
+    max_amount_fen: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Redemption:
+    id: str
+    voucher_id: str
+    provider_entity_id: str
+    holder_entity_id: str
+    invoice_no: str
+    lines: list[dict[str, Any]]
+    eligible_fen: int
+    subsidy_fen: int
+    holder_pays_fen: int
+    excluded: list[dict[str, Any]]
+    refunded_fen: int
+    reversed_at: datetime | None
+    hold_id: str | None
+    entry_id: int
+    created_at: datetime
+
+
+def payable_account(entity_id: str) -> str:
+    return f"entity:{entity_id}:payable"
+
+
+@dataclass(frozen=True, slots=True)
+class _Subsidy:
+    eligible_fen: int
+    subsidy_fen: int
+    excluded: list[dict[str, Any]]
+
+
+async def _voucher_for_spending(conn: AsyncConnection, voucher_id: str, now: datetime) -> Any:
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, program, year, holder_entity_id, vendor_entity_id, redemption_rate_bp, status, expires_at "
+                "FROM voucher WHERE id = :id FOR SHARE"
+            ),
+            {"id": voucher_id},
+        )
+    ).first()
+    if row is None:
+        raise VoucherNotFound(f"no voucher {voucher_id}")
+    if row.status == "revoked":
+        raise VoucherRevoked(f"voucher {voucher_id} was revoked")
+    if row.status == "expired" or row.expires_at <= now:
+        raise VoucherExpired(f"voucher {voucher_id} expired at {row.expires_at.isoformat()}")
+    return row
+
+
+async def _check_provider(
+    conn: AsyncConnection, catalog: Catalog, checker: AffiliationChecker, voucher: Any, provider: str, now: datetime
+) -> Any:
+    program = catalog.for_year(voucher.program, voucher.year)
+    assert program.redemption is not None, f"{program.code} vouchers are redeemed"
+    if program.redemption.named_vendor_only and voucher.vendor_entity_id != provider:
+        # art. 11 ¶2: only the vendor named on the application supplies the first purchase
+        raise NotTheVendor(f"voucher {voucher.id} is redeemed only by {voucher.vendor_entity_id}")
+    if program.redemption.non_affiliated:
+        on: date = now.astimezone(SHANGHAI).date()
+        path = await checker(conn, voucher.holder_entity_id, provider, on)
+        if path is not None:
+            raise AffiliatedParty(
+                f"provider {provider} is affiliated with the holder {voucher.holder_entity_id} on {on} (arts. 8, 9)",
+                path,
+            )
+    return program
+
+
+def _subsidy(program: Any, rate_bp: int, lines: Sequence[Line]) -> _Subsidy:
+    categories = set(program.redemption.categories)
+    excluded = [
+        {
+            "index": i,
+            "category": line.category,
+            "amount_fen": line.amount_fen,
+            "reason": f"{line.category} is not paid by {program.code} (eligible: {', '.join(sorted(categories))})",
+        }
+        for i, line in enumerate(lines)
+        if line.category not in categories
+    ]
+    eligible = sum(line.amount_fen for line in lines if line.category in categories)
+    return _Subsidy(eligible, share_of(eligible, rate_bp), excluded)
+
+
+async def _token_room(conn: AsyncConnection, presented: Presented) -> int | None:
+    """What the token may still spend (None: no limit), its row locked for this transaction."""
+    row = (
+        await conn.execute(
+            text("SELECT max_amount_fen, spent_fen FROM voucher_token WHERE jti = :j FOR UPDATE"), {"j": presented.jti}
+        )
+    ).one()
+    return None if row.max_amount_fen is None else int(row.max_amount_fen) - int(row.spent_fen)
+
+
+async def redeem(
+    conn: AsyncConnection,
+    ledger: Ledger,
+    catalog: Catalog,
+    checker: AffiliationChecker,
+    presented: Presented,
+    *,
+    provider_entity_id: str,
+    invoice_no: str,
+    lines: Sequence[Line],
+    now: datetime,
+    hold: Mapping[str, Any] | None = None,
+) -> Redemption:
+    voucher = await _voucher_for_spending(conn, presented.voucher_id, now)
+    program = await _check_provider(conn, catalog, checker, voucher, provider_entity_id, now)
+    owed = _subsidy(program, int(voucher.redemption_rate_bp), lines)
+    if owed.subsidy_fen == 0:
+        raise NothingEligible(f"no line of invoice {invoice_no} is paid by {program.code}")
+    room = await _token_room(conn, presented)
+    if room is not None and room <= 0:
+        raise TokenLimitReached(f"token {presented.jti} has spent its {presented.max_amount_fen} fen")
+    if hold is None:
+        available = (await ledger.locked_balance(conn, voucher_account(voucher.id))).available_fen
+        if available <= 0:
+            raise VoucherExhausted(f"voucher {voucher.id} has nothing left")
+    else:
+        available = int(hold["amount_fen"])  # a capture is capped by its hold, which already reserved it
+    subsidy = min(owed.subsidy_fen, available, room if room is not None else owed.subsidy_fen)
+    redemption_id = new_id("rdm_")
+    await ledger.open_account(conn, payable_account(provider_entity_id))
+    memo = f"{program.code}: redemption {redemption_id} of voucher {voucher.id}, invoice {invoice_no}"
+    metadata = {"voucher": voucher.id, "provider": provider_entity_id, "invoice": invoice_no}
+    if hold is None:
+        entry = await ledger.transfer(
+            conn,
+            key=f"redeem:{redemption_id}",
+            postings=[
+                debit(voucher_account(voucher.id), subsidy),
+                credit(payable_account(provider_entity_id), subsidy),
+            ],
+            memo=memo,
+            metadata=metadata,
+        )
+    else:
+        entry = await ledger.post_pending(
+            conn,
+            key=f"capture:{hold['id']}",
+            pending_entry_id=int(hold["pending_entry_id"]),
+            amount_fen=subsidy,
+            memo=memo,
+            metadata=metadata,
+        )
+    await conn.execute(
+        text("UPDATE voucher_token SET spent_fen = spent_fen + :s WHERE jti = :j"), {"s": subsidy, "j": presented.jti}
+    )
+    total = sum(line.amount_fen for line in lines)
+    inserted = await conn.scalar(
+        text(
+            "INSERT INTO redemption (id, voucher_id, provider_entity_id, jti, hold_id, invoice_no, lines, excluded, "
+            "eligible_fen, subsidy_fen, holder_pays_fen, entry_id) VALUES (:id, :v, :p, :j, :h, :n, "
+            "CAST(:lines AS jsonb), CAST(:excluded AS jsonb), :e, :s, :hp, :entry) "
+            "ON CONFLICT (provider_entity_id, invoice_no) DO NOTHING RETURNING id"
+        ),
+        {
+            "id": redemption_id,
+            "v": voucher.id,
+            "p": provider_entity_id,
+            "j": presented.jti,
+            "h": None if hold is None else hold["id"],
+            "n": invoice_no,
+            "lines": json.dumps([_line(line) for line in lines]),
+            "excluded": json.dumps(owed.excluded),
+            "e": owed.eligible_fen,
+            "s": subsidy,
+            "hp": total - subsidy,
+            "entry": entry.id,
+        },
+    )
+    if inserted is None:
+        raise InvoiceAlreadyRedeemed(f"invoice {invoice_no} was already redeemed at {provider_entity_id}")
+    return await get_redemption(conn, redemption_id)
+
+
+def _line(line: Line) -> dict[str, Any]:
+    return {"category": line.category, "amount_fen": line.amount_fen, "description": line.description}
+
+
+_COLUMNS = """
+    r.id, r.voucher_id, r.provider_entity_id, v.holder_entity_id, r.invoice_no, r.lines::text AS lines,
+    r.eligible_fen, r.subsidy_fen, r.holder_pays_fen, r.excluded::text AS excluded, r.refunded_fen, r.reversed_at,
+    r.hold_id, r.entry_id, r.created_at
+"""
+
+
+def _redemption(row: Any) -> Redemption:
+    return Redemption(
+        id=row.id,
+        voucher_id=row.voucher_id,
+        provider_entity_id=row.provider_entity_id,
+        holder_entity_id=row.holder_entity_id,
+        invoice_no=row.invoice_no,
+        lines=json.loads(row.lines),
+        eligible_fen=int(row.eligible_fen),
+        subsidy_fen=int(row.subsidy_fen),
+        holder_pays_fen=int(row.holder_pays_fen),
+        excluded=json.loads(row.excluded),
+        refunded_fen=int(row.refunded_fen),
+        reversed_at=row.reversed_at,
+        hold_id=row.hold_id,
+        entry_id=int(row.entry_id),
+        created_at=row.created_at,
+    )
+
+
+async def get_redemption(conn: AsyncConnection, redemption_id: str, *, for_update: bool = False) -> Redemption:
+    query = _REDEMPTION_FOR_UPDATE if for_update else _REDEMPTION
+    row = (await conn.execute(query, {"id": redemption_id})).first()
+    if row is None:
+        raise RedemptionNotFound(f"no redemption {redemption_id}")
+    return _redemption(row)
+
+
+_REDEMPTION = text(f"SELECT {_COLUMNS} FROM redemption r JOIN voucher v ON v.id = r.voucher_id WHERE r.id = :id")
+_REDEMPTION_FOR_UPDATE = text(
+    f"SELECT {_COLUMNS} FROM redemption r JOIN voucher v ON v.id = r.voucher_id WHERE r.id = :id FOR UPDATE OF r"
+)
+
+
+async def list_redemptions(
+    conn: AsyncConnection,
+    *,
+    after: tuple[datetime, str] | None,
+    limit: int,
+    provider_entity_id: str | None = None,
+    holder_entity_id: str | None = None,
+    voucher_id: str | None = None,
+) -> list[Redemption]:
+    rows = await conn.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM redemption r JOIN voucher v ON v.id = r.voucher_id "
+            "WHERE (CAST(:after_at AS timestamptz) IS NULL "
+            "OR (r.created_at, r.id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS text))) "
+            "AND (CAST(:provider AS text) IS NULL OR r.provider_entity_id = :provider) "
+            "AND (CAST(:holder AS text) IS NULL OR v.holder_entity_id = :holder) "
+            "AND (CAST(:voucher AS text) IS NULL OR r.voucher_id = :voucher) "
+            "ORDER BY r.created_at, r.id LIMIT :n"
+        ),
+        {
+            "after_at": after[0] if after else None,
+            "after_id": after[1] if after else None,
+            "provider": provider_entity_id,
+            "holder": holder_entity_id,
+            "voucher": voucher_id,
+            "n": limit,
+        },
+    )
+    return [_redemption(row) for row in rows]
+
+
+async def give_back(
+    conn: AsyncConnection,
+    ledger: Ledger,
+    redemption: Redemption,
+    amount_fen: int,
+    *,
+    key: str,
+    memo: str,
+    now: datetime,
+) -> int:
+    """Return `amount_fen` of a redemption's subsidy from the provider's payable account: to the voucher
+    while it can still be spent, else to its program budget (counted as released). The entry id."""
+    voucher = (
+        await conn.execute(
+            text("SELECT id, program, year, status, expires_at FROM voucher WHERE id = :id FOR UPDATE"),
+            {"id": redemption.voucher_id},
+        )
+    ).one()
+    active = voucher.status == "active" and voucher.expires_at > now
+    target = voucher_account(voucher.id) if active else budget_account(voucher.program, voucher.year)
+    entry = await ledger.transfer(
+        conn,
+        key=key,
+        postings=[debit(payable_account(redemption.provider_entity_id), amount_fen), credit(target, amount_fen)],
+        memo=memo,
+        metadata={"redemption": redemption.id, "voucher": voucher.id},
+    )
+    if not active:
+        await conn.execute(
+            text("UPDATE voucher SET released_fen = released_fen + :a WHERE id = :id"),
+            {"a": amount_fen, "id": voucher.id},
+        )
+    await conn.execute(
+        text("UPDATE redemption SET refunded_fen = refunded_fen + :a WHERE id = :id"),
+        {"a": amount_fen, "id": redemption.id},
+    )
+    return entry.id
+
+
+async def refund(
+    conn: AsyncConnection,
+    ledger: Ledger,
+    *,
+    redemption_id: str,
+    provider_entity_id: str,
+    amount_fen: int | None,
+    reason: str,
+    now: datetime,
+) -> tuple[Redemption, str, int]:
+    """The provider that redeemed returns value for work not delivered. (refund id, amount)."""
+    redemption = await get_redemption(conn, redemption_id, for_update=True)
+    if redemption.provider_entity_id != provider_entity_id:
+        raise RedemptionNotFound(f"no redemption {redemption_id}")
+    left = redemption.subsidy_fen - redemption.refunded_fen
+    amount = left if amount_fen is None else amount_fen
+    if amount <= 0 or amount > left:
+        raise RefundTooLarge(f"redemption {redemption_id} has {left} fen that can still be returned, not {amount}")
+    refund_id = new_id("rfd_")
+    entry_id = await give_back(
+        conn, ledger, redemption, amount, key=f"refund:{refund_id}", memo=f"refund {refund_id}: {reason}", now=now
+    )
+    await conn.execute(
+        text(
+            "INSERT INTO redemption_refund (id, redemption_id, amount_fen, reason, entry_id) "
+            "VALUES (:id, :r, :a, :why, :e)"
+        ),
+        {"id": refund_id, "r": redemption_id, "a": amount, "why": reason, "e": entry_id},
+    )
+    return await get_redemption(conn, redemption_id), refund_id, amount
+
+
+async def reverse(
+    conn: AsyncConnection, ledger: Ledger, *, redemption_id: str, reason: str, now: datetime
+) -> Redemption:
+    """Clawback: everything of the redemption not yet returned goes back (to the voucher, or to the budget
+    if the voucher has ended), by a compensating entry; the redemption is marked reversed."""
+    redemption = await get_redemption(conn, redemption_id, for_update=True)
+    if redemption.reversed_at is not None:
+        raise RefundTooLarge(f"redemption {redemption_id} was already reversed")
+    left = redemption.subsidy_fen - redemption.refunded_fen
+    if left <= 0:
+        raise RefundTooLarge(f"redemption {redemption_id} was refunded in full already")
+    entry_id = await give_back(
+        conn, ledger, redemption, left, key=f"reverse:{redemption_id}", memo=f"clawback: {reason}", now=now
+    )
+    await conn.execute(
+        text("UPDATE redemption SET reversed_at = now(), reversal_entry_id = :e WHERE id = :id"),
+        {"e": entry_id, "id": redemption_id},
+    )
+    return await get_redemption(conn, redemption_id)
+
+
+# -- holds for metered work ------------------------------------------------------------------------------
+
+HOLD_DEFAULT_S = 24 * 3600
+HOLD_MAX_S = 7 * 24 * 3600
+
+
+class HoldNotFound(VoucherError):
+    code = "not_found"
+
+
+class HoldNotPending(VoucherError):
+    code = "conflict"
+
+
+class HoldExpired(VoucherError):
+    code = "hold_expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: str
+    voucher_id: str
+    provider_entity_id: str
+    amount_fen: int
+    status: str
+    expires_at: datetime
+    pending_entry_id: int
+
+
+async def create_hold(
+    conn: AsyncConnection,
+    ledger: Ledger,
+    catalog: Catalog,
+    checker: AffiliationChecker,
+    presented: Presented,
+    *,
+    provider_entity_id: str,
+    amount_fen: int,
+    expires_in_s: int,
+    now: datetime,
+) -> Hold:
+    """Reserve `amount_fen` of subsidy for metered work (a pending ledger entry with a timeout)."""
+    voucher = await _voucher_for_spending(conn, presented.voucher_id, now)
+    await _check_provider(conn, catalog, checker, voucher, provider_entity_id, now)
+    room = await _token_room(conn, presented)
+    if room is not None and amount_fen > room:
+        raise TokenLimitReached(f"token {presented.jti} may spend {room} fen more, not {amount_fen}")
+    available = (await ledger.locked_balance(conn, voucher_account(voucher.id))).available_fen
+    if available < amount_fen:
+        raise VoucherExhausted(f"voucher {voucher.id} has {available} fen available, not {amount_fen}")
+    hold_id = new_id("hld_")
+    await ledger.open_account(conn, payable_account(provider_entity_id))
+    pending = await ledger.hold(
+        conn,
+        key=f"hold:{hold_id}",
+        postings=[
+            debit(voucher_account(voucher.id), amount_fen),
+            credit(payable_account(provider_entity_id), amount_fen),
+        ],
+        timeout_s=expires_in_s,
+        memo=f"hold {hold_id} of voucher {voucher.id} for {provider_entity_id}",
+        metadata={"voucher": voucher.id, "provider": provider_entity_id, "hold": hold_id},
+    )
+    await conn.execute(
+        text(
+            "INSERT INTO subsidy_hold (id, voucher_id, provider_entity_id, jti, amount_fen, pending_entry_id, "
+            "expires_at) SELECT :id, :v, :p, :j, :a, e.id, e.expires_at FROM ledger_entry e WHERE e.id = :e"
+        ),
+        {"id": hold_id, "v": voucher.id, "p": provider_entity_id, "j": presented.jti, "a": amount_fen, "e": pending.id},
+    )
+    return await get_hold(conn, hold_id, now=now)
+
+
+_HOLD = text(
+    "SELECT id, voucher_id, provider_entity_id, jti, amount_fen, status, expires_at, pending_entry_id "
+    "FROM subsidy_hold WHERE id = :id"
+)
+_HOLD_FOR_UPDATE = text(
+    "SELECT id, voucher_id, provider_entity_id, jti, amount_fen, status, expires_at, pending_entry_id "
+    "FROM subsidy_hold WHERE id = :id FOR UPDATE"
+)
+
+
+async def get_hold(conn: AsyncConnection, hold_id: str, *, now: datetime, for_update: bool = False) -> Hold:
+    row = (await conn.execute(_HOLD_FOR_UPDATE if for_update else _HOLD, {"id": hold_id})).first()
+    if row is None:
+        raise HoldNotFound(f"no hold {hold_id}")
+    status = "expired" if row.status == "pending" and row.expires_at <= now else row.status  # read-time expiry
+    return Hold(
+        row.id,
+        row.voucher_id,
+        row.provider_entity_id,
+        int(row.amount_fen),
+        status,
+        row.expires_at,
+        int(row.pending_entry_id),
+    )
+
+
+async def _pending_hold(conn: AsyncConnection, hold_id: str, provider_entity_id: str, now: datetime) -> Any:
+    hold = await get_hold(conn, hold_id, now=now, for_update=True)
+    if hold.provider_entity_id != provider_entity_id:
+        raise HoldNotFound(f"no hold {hold_id}")  # another provider's hold does not exist for this caller
+    if hold.status == "expired":
+        raise HoldExpired(f"hold {hold_id} expired at {hold.expires_at.isoformat()}")
+    if hold.status != "pending":
+        raise HoldNotPending(f"hold {hold_id} was {hold.status}")
+    return hold
+
+
+async def capture_hold(
+    conn: AsyncConnection,
+    ledger: Ledger,
+    catalog: Catalog,
+    checker: AffiliationChecker,
+    *,
+    hold_id: str,
+    provider_entity_id: str,
+    invoice_no: str,
+    lines: Sequence[Line],
+    now: datetime,
+) -> Redemption:
+    """The final invoice: the subsidy is computed as a redemption's, capped by the hold; the rest of the
+    hold is released in the same entry."""
+    hold = await _pending_hold(conn, hold_id, provider_entity_id, now)
+    jti = await conn.scalar(text("SELECT jti FROM subsidy_hold WHERE id = :id"), {"id": hold_id})
+    token = (
+        await conn.execute(
+            text(
+                "SELECT t.jti, t.voucher_id, v.holder_entity_id, t.max_amount_fen FROM voucher_token t "
+                "JOIN voucher v ON v.id = t.voucher_id WHERE t.jti = :j"
+            ),
+            {"j": jti},
+        )
+    ).one()
+    presented = Presented(token.jti, token.voucher_id, token.holder_entity_id, token.max_amount_fen)
+    redemption = await redeem(
+        conn,
+        ledger,
+        catalog,
+        checker,
+        presented,
+        provider_entity_id=provider_entity_id,
+        invoice_no=invoice_no,
+        lines=lines,
+        now=now,
+        hold={"id": hold.id, "amount_fen": hold.amount_fen, "pending_entry_id": hold.pending_entry_id},
+    )
+    await conn.execute(
+        text("UPDATE subsidy_hold SET status = 'captured', resolved_at = now() WHERE id = :id"), {"id": hold_id}
+    )
+    return redemption
+
+
+async def void_hold(
+    conn: AsyncConnection, ledger: Ledger, *, hold_id: str, provider_entity_id: str, now: datetime
+) -> Hold:
+    hold = await _pending_hold(conn, hold_id, provider_entity_id, now)
+    await ledger.void_pending(
+        conn,
+        key=f"void:{hold_id}",
+        pending_entry_id=hold.pending_entry_id,
+        memo=f"hold {hold_id} voided by the provider",
+    )
+    await conn.execute(
+        text("UPDATE subsidy_hold SET status = 'voided', resolved_at = now() WHERE id = :id"), {"id": hold_id}
+    )
+    return await get_hold(conn, hold_id, now=now)

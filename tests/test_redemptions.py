@@ -340,3 +340,151 @@ async def test_reverse_returns_value_and_bad_input_changes_nothing(
         "invalid_token",
     )
     assert (await client.get(f"/v1/vouchers/{voucher}", headers=admin)).json() == before
+
+
+async def approved_voucher(
+    client: httpx.AsyncClient,
+    admin: dict[str, str],
+    program: str,
+    holder: str,
+    basis: dict[str, Any],
+    award_fen: int | None = None,
+) -> str:
+    path = f"/v1/programs/{program}/budgets/{YEAR}"
+    current = (await client.get(path, headers=admin)).json()["budget_fen"]
+    await client.put(path, headers=admin, json={"amount_fen": current + 5_000_000 * YUAN})
+    submitted = await client.post(
+        "/v1/applications",
+        headers=admin,
+        json={"program": program, "applicant_entity_id": holder, "year": YEAR, "basis": basis},
+    )
+    assert submitted.status_code == 201, submitted.text
+    approved = await client.post(
+        f"/v1/applications/{submitted.json()['id']}/approve",
+        headers=admin,
+        json={"award_fen": award_fen} if award_fen else None,
+    )
+    assert approved.status_code == 201, approved.text
+    voucher: str = approved.json()["id"]
+    return voucher
+
+
+async def test_program_rates_at_redemption(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    # data.pilot_dataset: 30% of the dataset lines, floored once on their total
+    holder = await create_entity(engine)
+    pilot = await approved_voucher(
+        client,
+        admin,
+        "data.pilot_dataset",
+        holder,
+        {"project_ref": f"PD-{holder[-8:]}", "pilot_base": "中试基地"},
+        1_000_000 * YUAN,
+    )
+    exchange = await create_entity(engine, kind="provider")
+    key = {**bearer(await create_key(engine, Role.PROVIDER, entity_id=exchange))}
+    paid = await client.post(
+        "/v1/redemptions",
+        headers={**key, "Idempotency-Key": "p1"},
+        json={
+            "token": await token_for(client, admin, pilot),
+            "invoice_no": "D-1",
+            "lines": [
+                {"category": "dataset", "amount_fen": 22_222},
+                {"category": "dataset", "amount_fen": 11_111},
+                {"category": "compute", "amount_fen": 50_000},
+            ],
+        },
+    )
+    assert paid.status_code == 201, paid.text
+    assert (paid.json()["eligible_fen"], paid.json()["subsidy_fen"]) == (33_333, 9_999)  # 30% of 333.33 元
+
+    # model.first_purchase: only the named vendor redeems; 45% with the uplift
+    developer, buyer = await create_entity(engine), await create_entity(engine)
+    model = f"M-{developer[-8:]}"
+    path = f"/v1/programs/model.first_filing/budgets/{YEAR}"
+    current = (await client.get(path, headers=admin)).json()["budget_fen"]
+    await client.put(path, headers=admin, json={"amount_fen": current + 1_000_000 * YUAN})
+    filing = await client.post(
+        "/v1/applications",
+        headers=admin,
+        json={
+            "program": "model.first_filing",
+            "applicant_entity_id": developer,
+            "year": YEAR,
+            "basis": {"model_ref": model, "filing_no": f"F-{model}"},
+        },
+    )
+    await client.post(f"/v1/applications/{filing.json()['id']}/approve", headers=admin, json={"award_fen": 100})
+    voucher = await approved_voucher(
+        client,
+        admin,
+        "model.first_purchase",
+        buyer,
+        {
+            "model_ref": model,
+            "vendor_entity_id": developer,
+            "industry": "finance",
+            "contract_no": f"C-{model}",
+            "contract_fen": 1_000_000 * YUAN,
+            "rd_project": True,
+        },
+    )
+    token = await token_for(client, admin, voucher)
+    stranger = bearer(await create_key(engine, Role.PROVIDER))
+    assert_problem(
+        await client.post(
+            "/v1/redemptions",
+            headers={**stranger, "Idempotency-Key": "m0"},
+            json={"token": token, "invoice_no": "V-1", "lines": [{"category": "api_calls", "amount_fen": 100}]},
+        ),
+        403,
+        "wrong_provider",
+    )
+    vendor = bearer(await create_key(engine, Role.PROVIDER, entity_id=developer))
+    paid = await client.post(
+        "/v1/redemptions",
+        headers={**vendor, "Idempotency-Key": "m1"},
+        json={
+            "token": token,
+            "invoice_no": "V-1",
+            "lines": [{"category": "api_calls", "amount_fen": 333}, {"category": "compute", "amount_fen": 1_000}],
+        },
+    )
+    assert (paid.json()["eligible_fen"], paid.json()["subsidy_fen"]) == (333, 149)  # 45% of 3.33 元 = 1.49 元
+
+
+async def test_a_clawback_after_expiry_returns_to_the_budget(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
+    provider = await create_entity(engine, kind="provider")
+    key = bearer(await create_key(engine, Role.PROVIDER, entity_id=provider))
+    redeemed = (
+        await client.post(
+            "/v1/redemptions",
+            headers={**key, "Idempotency-Key": "e1"},
+            json={
+                "token": await token_for(client, admin, voucher),
+                "invoice_no": "E-1",
+                "lines": compute_lines(100_000),
+            },
+        )
+    ).json()
+    budget_path = f"/v1/programs/compute.purchase/budgets/{YEAR}"
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE voucher SET expires_at = now() - interval '1 second' WHERE id = :v"), {"v": voucher}
+        )
+    before = (await client.get(budget_path, headers=admin)).json()["available_fen"]
+    reversed_ = await client.post(
+        f"/v1/redemptions/{redeemed['id']}/reverse", headers=admin, json={"reason": "not delivered"}
+    )
+    assert reversed_.status_code == 200, reversed_.text
+    after = (await client.get(budget_path, headers=admin)).json()["available_fen"]
+    assert after - before == 100_000 * YUAN  # the voucher has ended: the value goes back to the budget
+    state = (await client.get(f"/v1/vouchers/{voucher}", headers=admin)).json()
+    assert (state["status"], state["redeemed_fen"], state["available_fen"]) == ("expired", 0, 0)
+    async with engine.connect() as conn:
+        assert await Ledger().verify_cached_balances(conn) == []

@@ -533,3 +533,34 @@ async def test_purchases_and_external_awards_refuse_bad_input_and_wrong_callers(
         assert_problem(await client.post("/v1/external-awards", headers=admin, json=bad), 422, "validation_error")
     assert (await client.post("/v1/external-awards", headers=admin, json=award)).status_code == 201
     assert_problem(await client.post("/v1/external-awards", headers=admin, json=award), 409, "basis_already_used")
+
+
+async def test_approval_with_an_idempotency_key_answers_retries_the_same(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    await fund(client, admin, "data.trusted_space", 2027, 400_000 * YUAN)
+    lead = await create_entity(engine)
+    submitted = await apply(
+        client,
+        admin,
+        "data.trusted_space",
+        lead,
+        2027,
+        {"project_ref": f"I-{lead[-8:]}", "investment_fen": 1_000_000 * YUAN},
+    )
+    path = f"/v1/applications/{submitted['id']}/approve"
+    first = await client.post(path, headers={**admin, "Idempotency-Key": f"approve-{lead}"})
+    again = await client.post(path, headers={**admin, "Idempotency-Key": f"approve-{lead}"})
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"]
+    assert_problem(await client.post(path, headers=admin), 409, "conflict")  # no key: a second approval is refused
+    assert_problem(
+        await client.post(path, headers={**admin, "Idempotency-Key": f"approve-{lead}"}, json={"award_fen": 1}),
+        422,
+        "idempotency_conflict",
+    )
+    async with engine.connect() as conn:
+        payouts = await conn.scalar(
+            text("SELECT count(*) FROM payout WHERE application_id = :a"), {"a": submitted["id"]}
+        )
+    assert payouts == 1

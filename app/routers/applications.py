@@ -10,12 +10,14 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, status
+from fastapi.responses import JSONResponse
 from pydantic import Field, StringConstraints
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.apikeys import Caller, Role
+from app.commands import run_idempotent
 from app.dependencies import CallerDep, SessionDep, require_roles
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
@@ -235,25 +237,39 @@ async def get_application(application_id: ApplicationId, session: SessionDep, ca
     status_code=status.HTTP_201_CREATED,
     summary="Approve: issue the voucher or the payout from the program budget",
     responses=problem_responses(404, 409),
+    response_model=IssuedOut,
 )
 async def approve(
-    request: Request, application_id: ApplicationId, session: SessionDep, caller: Admin, body: ApproveIn | None = None
-) -> IssuedOut:
-    conn = await session.connection()
-    current = await service.get(conn, application_id)
-    _may_administer(caller, _catalog(request), current.program, current.year)
-    issued = await service.approve(
-        conn,
-        request.app.state.ledger,
-        _catalog(request),
-        _checker(request, session),
-        application_id=application_id,
-        award_fen=body.award_fen if body else None,
-        actor=caller.key_id,
-        now=datetime.now(UTC),
-    )
+    request: Request,
+    application_id: ApplicationId,
+    session: SessionDep,
+    caller: Admin,
+    body: ApproveIn | None = None,
+    key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+) -> JSONResponse:
+    """With an `Idempotency-Key` a retry gets the first answer (the same voucher, or the same refusal)."""
+
+    async def command(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
+        current = await service.get(conn, application_id)
+        _may_administer(caller, _catalog(request), current.program, current.year)
+        issued = await service.approve(
+            conn,
+            request.app.state.ledger,
+            _catalog(request),
+            _checker(request, session),
+            application_id=application_id,
+            award_fen=body.award_fen if body else None,
+            actor=caller.key_id,
+            now=datetime.now(UTC),
+        )
+        return status.HTTP_201_CREATED, _issued_out(issued).model_dump(mode="json")
+
+    if key is not None:
+        route = f"POST /v1/applications/{application_id}/approve"
+        return await run_idempotent(session, caller, key, route, body, command)
+    status_code, payload = await command(await session.connection())
     await session.commit()
-    return _issued_out(issued)
+    return JSONResponse(payload, status_code=status_code)
 
 
 def _issued_out(issued: Issued) -> IssuedOut:

@@ -9,9 +9,6 @@ its stored answer.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -19,12 +16,12 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import Field, StringConstraints
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import idempotency
 from app.apikeys import Caller, Role
+from app.commands import run_idempotent
 from app.dependencies import SessionDep, require_roles
-from app.errors import PROBLEM_MEDIA_TYPE, Forbidden, domain_problem, problem_responses
+from app.errors import Forbidden, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import affiliation_checker
 from app.schemas import PositiveFen, RequestModel, ResponseModel
@@ -126,54 +123,6 @@ def _hold_out(hold: Hold) -> dict[str, Any]:
     return HoldOut.model_validate(hold, from_attributes=True).model_dump(mode="json")
 
 
-async def _idempotent(
-    session: AsyncSession,
-    caller: Caller,
-    key: str,
-    route: str,
-    body: RequestModel | None,
-    command: Callable[[AsyncConnection], Awaitable[tuple[int, dict[str, Any]]]],
-) -> JSONResponse:
-    """Run `command` once per (caller, key): store its answer (success or refusal) with its postings."""
-    conn = await session.connection()
-    canonical = json.dumps(
-        {"route": route, "body": None if body is None else body.model_dump(mode="json")}, sort_keys=True
-    )
-    request_hash = hashlib.sha256(canonical.encode()).digest()
-    replay = await idempotency.replay_or_none(
-        conn, caller_key_id=caller.key_id, key=key, route=route, request_hash=request_hash
-    )
-    if replay is not None:
-        return _respond(*replay)
-    savepoint = await conn.begin_nested()
-    try:
-        status_code, payload = await command(conn)
-    except Exception as exc:
-        answer = domain_problem(exc)
-        if answer is None or answer[0] >= 500:
-            raise
-        await savepoint.rollback()
-        status_code, payload = answer
-    else:
-        await savepoint.commit()
-    await idempotency.remember(
-        conn,
-        caller_key_id=caller.key_id,
-        key=key,
-        route=route,
-        request_hash=request_hash,
-        status_code=status_code,
-        body=payload,
-    )
-    await session.commit()
-    return _respond(status_code, payload)
-
-
-def _respond(status_code: int, payload: dict[str, Any]) -> JSONResponse:
-    media = PROBLEM_MEDIA_TYPE if status_code >= 400 else "application/json"
-    return JSONResponse(payload, status_code=status_code, media_type=media)
-
-
 async def _presented(request: Request, conn: AsyncConnection, token: str, caller: Caller) -> Presented:
     assert caller.entity_id is not None
     verified = await verify_token(
@@ -212,7 +161,7 @@ async def redeem(
         )
         return 201, _redemption_out(redemption)
 
-    return await _idempotent(session, caller, key, "POST /v1/redemptions", body, command)
+    return await run_idempotent(session, caller, key, "POST /v1/redemptions", body, command)
 
 
 @router.post(
@@ -241,7 +190,7 @@ async def hold(
         )
         return 201, _hold_out(held)
 
-    return await _idempotent(session, caller, key, "POST /v1/holds", body, command)
+    return await run_idempotent(session, caller, key, "POST /v1/holds", body, command)
 
 
 @router.post(
@@ -269,7 +218,7 @@ async def capture(
         )
         return 201, _redemption_out(redemption)
 
-    return await _idempotent(session, caller, key, f"POST /v1/holds/{hold_id}/capture", body, command)
+    return await run_idempotent(session, caller, key, f"POST /v1/holds/{hold_id}/capture", body, command)
 
 
 @router.post(
@@ -292,7 +241,7 @@ async def void(
         )
         return 200, _hold_out(voided)
 
-    return await _idempotent(session, caller, key, f"POST /v1/holds/{hold_id}/void", None, command)
+    return await run_idempotent(session, caller, key, f"POST /v1/holds/{hold_id}/void", None, command)
 
 
 @router.post(
@@ -322,7 +271,7 @@ async def refund(
         )
         return 200, _redemption_out(redemption)
 
-    return await _idempotent(session, caller, key, f"POST /v1/redemptions/{redemption_id}/refund", body, command)
+    return await run_idempotent(session, caller, key, f"POST /v1/redemptions/{redemption_id}/refund", body, command)
 
 
 @router.post(
@@ -350,7 +299,7 @@ async def reverse(
         return 200, _redemption_out(reversed_)
 
     route = f"POST /v1/redemptions/{redemption_id}/reverse"
-    return await _idempotent(session, caller, key or f"reverse:{redemption_id}", route, body, command)
+    return await run_idempotent(session, caller, key or f"reverse:{redemption_id}", route, body, command)
 
 
 @router.get("/redemptions", summary="Redemptions, oldest first: a provider's own, a holder's own, or all")

@@ -94,18 +94,21 @@ class Service:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> None:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        command = [VOUCHER_LEDGER, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--workers"]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [VOUCHER_LEDGER, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-                + ["--workers", str(self.workers)],
+            return subprocess.Popen(
+                [*command, str(self.workers)],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() signals the workers too
             )
+
+    async def start(self) -> None:
+        self.process = self._spawn()
         deadline = time.monotonic() + START_TIMEOUT_S
         async with httpx.AsyncClient(base_url=self.base_url, timeout=2.0) as client:
             ready = 0
@@ -149,7 +152,8 @@ def admin_key(env: dict[str, str]) -> str:
 
 def expect(response: httpx.Response, status: int) -> dict[str, Any]:
     if response.status_code != status:
-        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text}")
+        request = response.request
+        raise RuntimeError(f"{request.method} {request.url.path}: {response.status_code} {response.text}")
     body: dict[str, Any] = response.json()
     return body
 
@@ -276,12 +280,7 @@ async def check_books(db_url: str, provider: str, redeemed: int) -> bool:
             trial = await ledger.trial_balance(conn)
             mismatched = await ledger.verify_cached_balances(conn)
             chain = await ledger.verify_chain(conn)
-            count, paid = (
-                await conn.execute(
-                    text("SELECT count(*), coalesce(sum(subsidy_fen), 0) FROM redemption WHERE provider_entity_id = :p"),
-                    {"p": provider},
-                )
-            ).one()
+            count, paid = (await conn.execute(_PAID, {"p": provider})).one()
             payable = await ledger.balance(conn, f"entity:{provider}:payable")
     finally:
         await engine.dispose()
@@ -300,6 +299,9 @@ async def check_books(db_url: str, provider: str, redeemed: int) -> bool:
         f"{'yes' if paid_ok else 'NO'}"
     )
     return balanced and not mismatched and chain.ok and paid_ok
+
+
+_PAID = text("SELECT count(*), coalesce(sum(subsidy_fen), 0) FROM redemption WHERE provider_entity_id = :p")
 
 
 def print_row(label: str, clients: int, r: dict[str, Any]) -> None:

@@ -9,12 +9,15 @@ here (they redeem with tokens). Revoking and reversing take an admin of the prog
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import StringConstraints
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, StringConstraints
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.apikeys import Caller, Role
+from app.commands import Command, run_idempotent
 from app.dependencies import CallerDep, SessionDep, require_roles
 from app.errors import Forbidden, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
@@ -37,6 +40,12 @@ ApplicationId = Annotated[str, Path(pattern=r"^app_[a-z0-9]{24}$")]
 Reader = Annotated[Caller, Depends(require_roles(Role.ADMIN, Role.AUDITOR, Role.ENTERPRISE))]
 Admin = Annotated[Caller, Depends(require_roles(Role.ADMIN))]
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", min_length=1, max_length=255, description="optional: a retry gets the first answer"
+    ),
+]
 
 
 class VoucherOut(ResponseModel):
@@ -168,19 +177,37 @@ async def get_voucher(request: Request, voucher_id: VoucherId, session: SessionD
     "/vouchers/{voucher_id}/revoke",
     summary="Revoke: the available value returns to the program budget; holds in flight stay reserved",
     responses=problem_responses(404, 409),
+    response_model=VoucherOut,
 )
 async def revoke_voucher(
-    request: Request, voucher_id: VoucherId, session: SessionDep, caller: Admin, body: RevokeIn | None = None
-) -> VoucherOut:
-    conn = await session.connection()
-    now = datetime.now(UTC)
-    current = await service.get_voucher(conn, _ledger(request), voucher_id, now=now)
-    _may_administer(caller, _catalog(request), current.program, current.year)
-    voucher = await service.revoke(
-        conn, _ledger(request), voucher_id=voucher_id, reason=body.reason if body else None, now=now
-    )
+    request: Request,
+    voucher_id: VoucherId,
+    session: SessionDep,
+    caller: Admin,
+    body: RevokeIn | None = None,
+    key: IdempotencyKey = None,
+) -> JSONResponse:
+    async def command(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
+        now = datetime.now(UTC)
+        current = await service.get_voucher(conn, _ledger(request), voucher_id, now=now)
+        _may_administer(caller, _catalog(request), current.program, current.year)
+        voucher = await service.revoke(
+            conn, _ledger(request), voucher_id=voucher_id, reason=body.reason if body else None, now=now
+        )
+        return 200, _out(voucher).model_dump(mode="json")
+
+    return await _run(session, caller, key, f"POST /v1/vouchers/{voucher_id}/revoke", body, command)
+
+
+async def _run(
+    session: AsyncSession, caller: Caller, key: str | None, route: str, body: BaseModel | None, command: Command
+) -> JSONResponse:
+    """Idempotent when the caller sends an `Idempotency-Key`; otherwise the command's own answer."""
+    if key is not None:
+        return await run_idempotent(session, caller, key, route, body, command)
+    status_code, payload = await command(await session.connection())
     await session.commit()
-    return _out(voucher)
+    return JSONResponse(payload, status_code=status_code)
 
 
 @router.get(
@@ -213,36 +240,44 @@ async def balances(
     "/applications/{application_id}/reverse",
     summary="Reverse an issued award (clawback): revoke its voucher or undo its payout, release its basis",
     responses=problem_responses(404, 409),
+    response_model=ReversalOut,
 )
 async def reverse_award(
-    request: Request, application_id: ApplicationId, body: ReverseIn, session: SessionDep, caller: Admin
-) -> ReversalOut:
-    conn = await session.connection()
-    found = await service.application_program(conn, application_id)
-    if found is None:
-        raise ApplicationNotFound(f"no application {application_id}")
-    _may_administer(caller, _catalog(request), *found)
-    reversal = await service.reverse_award(
-        conn,
-        _ledger(request),
-        application_id=application_id,
-        reason=body.reason,
-        actor=caller.key_id,
-        now=datetime.now(UTC),
-    )
-    await session.commit()
-    return ReversalOut(
-        application_id=reversal.application_id,
-        program=reversal.program,
-        holder_entity_id=reversal.holder_entity_id,
-        year=reversal.year,
-        kind=reversal.kind,
-        award_id=reversal.award_id,
-        award_fen=reversal.award_fen,
-        returned_fen=reversal.returned_fen,
-        entry_id=None if reversal.entry_id is None else str(reversal.entry_id),
-        reason=reversal.reason,
-        reversed_at=reversal.reversed_at,
-        released_documents=list(reversal.released_documents),
-        voucher=None if reversal.voucher is None else _out(reversal.voucher),
-    )
+    request: Request,
+    application_id: ApplicationId,
+    body: ReverseIn,
+    session: SessionDep,
+    caller: Admin,
+    key: IdempotencyKey = None,
+) -> JSONResponse:
+    async def command(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
+        found = await service.application_program(conn, application_id)
+        if found is None:
+            raise ApplicationNotFound(f"no application {application_id}")
+        _may_administer(caller, _catalog(request), *found)
+        reversal = await service.reverse_award(
+            conn,
+            _ledger(request),
+            application_id=application_id,
+            reason=body.reason,
+            actor=caller.key_id,
+            now=datetime.now(UTC),
+        )
+        out = ReversalOut(
+            application_id=reversal.application_id,
+            program=reversal.program,
+            holder_entity_id=reversal.holder_entity_id,
+            year=reversal.year,
+            kind=reversal.kind,
+            award_id=reversal.award_id,
+            award_fen=reversal.award_fen,
+            returned_fen=reversal.returned_fen,
+            entry_id=None if reversal.entry_id is None else str(reversal.entry_id),
+            reason=reversal.reason,
+            reversed_at=reversal.reversed_at,
+            released_documents=list(reversal.released_documents),
+            voucher=None if reversal.voucher is None else _out(reversal.voucher),
+        )
+        return 200, out.model_dump(mode="json")
+
+    return await _run(session, caller, key, f"POST /v1/applications/{application_id}/reverse", body, command)

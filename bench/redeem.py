@@ -138,6 +138,34 @@ class Service:
             process.wait(timeout=STOP_TIMEOUT_S)
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: str) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, pgrp, ..., utime at [11], stime at [12]), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(service_group: int, postmaster: int) -> tuple[float, float, float]:
+    """CPU seconds so far of the service's process group, of PostgreSQL (the postmaster and its children),
+    and of the whole machine (busy time from /proc/stat), to see where a case's CPU went."""
+    service = database = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or (fields := _stat(entry.name)) is None:
+            continue
+        used = (int(fields[11]) + int(fields[12])) / _TICK
+        if int(fields[2]) == service_group:
+            service += used
+        elif int(entry.name) == postmaster or int(fields[1]) == postmaster:
+            database += used
+    cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    busy = (sum(cpu) - cpu[3] - cpu[4]) / _TICK  # all but idle and iowait
+    return service, database, busy
+
+
 def admin_key(env: dict[str, str]) -> str:
     out = subprocess.run(
         [VOUCHER_LEDGER, "apikey", "create", "--role", "admin", "--name", "bench"],
@@ -219,7 +247,13 @@ async def seed(base_url: str, admin: str, vouchers: int, year: int) -> tuple[str
 
 
 async def drive(
-    base_url: str, provider_key: str, tokens: list[str], clients: int, seconds: float, label: str
+    base_url: str,
+    provider_key: str,
+    tokens: list[str],
+    clients: int,
+    seconds: float,
+    label: str,
+    probe: Callable[[], tuple[float, float, float]],
 ) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
@@ -254,12 +288,14 @@ async def drive(
                 if response.status_code == 201:
                     latencies.append(elapsed)
 
-    cpu = time.process_time()
+    cpu, before = time.process_time(), probe()
     began = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(clients)))
     wall = time.perf_counter() - began
-    cpu = time.process_time() - cpu
+    cpu, after = time.process_time() - cpu, probe()
+    service, database, busy = (a - b for a, b in zip(after, before, strict=True))
     latencies.sort()
+    per = 1000 / max(len(latencies), 1)
     return {
         "rps": len(latencies) / wall,
         "ok": len(latencies),
@@ -267,6 +303,11 @@ async def drive(
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"),
         "errors": {k: v for k, v in sorted(statuses.items()) if k != "201"},
         "client_cpu": cpu / wall,
+        # CPU ms per redemption: the service's processes, PostgreSQL's, and everything else on the machine
+        "service_ms": service * per,
+        "database_ms": database * per,
+        "other_ms": (busy - service - database - cpu) * per,
+        "cores_busy": busy / wall,
     }
 
 
@@ -308,7 +349,8 @@ def print_row(label: str, clients: int, r: dict[str, Any]) -> None:
     errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
     print(
         f"{label:<8} {clients:>7} {r['ok']:>8} {r['rps']:>14.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-        f"{100 * r['client_cpu']:>11.0f}%  {errors}",
+        f"{r['service_ms']:>8.1f} {r['database_ms']:>6.1f} {100 * r['client_cpu']:>7.0f}% "
+        f"{r['other_ms']:>6.1f} {r['cores_busy']:>6.2f}  {errors}",
         flush=True,
     )
 
@@ -352,14 +394,25 @@ async def main() -> int:
         service.stop()
         await service.start()  # fresh pools: plans made on the analyzed tables
 
-        warmup = await drive(service.base_url, provider_key, tokens, args.clients, WARMUP_S, "warmup")
+        postmaster = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+
+        def probe() -> tuple[float, float, float]:
+            assert service is not None and service.process is not None
+            return cpu_seconds(service.process.pid, postmaster)
+
+        warmup = await drive(service.base_url, provider_key, tokens, args.clients, WARMUP_S, "warmup", probe)
+        print(
+            "CPU columns: ms of CPU per redemption in the service's processes and in PostgreSQL, this load "
+            "generator's share of a core, ms per redemption used by anything else on the machine, cores busy"
+        )
         print(
             f"{'case':<8} {'clients':>7} {'201s':>8} {'redemptions/s':>14} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'client CPU':>12}  errors by status"
+            f"{'service':>8} {'PG':>6} {'client':>8} {'other':>6} {'cores':>6}  errors by status"
         )
         results = {}
         for label, pool in (("uniform", tokens), ("hot", tokens[:1])):
-            results[label] = r = await drive(service.base_url, provider_key, pool, args.clients, args.seconds, label)
+            r = await drive(service.base_url, provider_key, pool, args.clients, args.seconds, label, probe)
+            results[label] = r
             print_row(label, args.clients, r)
         service.stop()
         redeemed = warmup["ok"] + sum(r["ok"] for r in results.values())

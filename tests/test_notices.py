@@ -212,3 +212,26 @@ async def test_objections_hold_an_award_until_resolved(noticed: tuple[Settings, 
             409,
             "conflict",
         )
+
+
+async def test_objecting_to_an_application_not_in_notice_reveals_nothing(noticed: tuple[Settings, AsyncEngine]) -> None:
+    settings, engine = noticed
+    admin = bearer(await create_key(engine, Role.ADMIN))
+    stranger = bearer(await create_key(engine, Role.ENTERPRISE))
+    provider = bearer(await create_key(engine, Role.PROVIDER))
+    async with running_app(settings) as client:
+        lead = await create_entity(engine)
+        submitted = await client.post(
+            "/v1/applications",
+            headers=admin,
+            json={
+                "program": "data.trusted_space",
+                "applicant_entity_id": lead,
+                "year": YEAR,
+                "basis": {"project_ref": "P-9", "investment_fen": 1_000 * YUAN},
+            },
+        )
+        path = f"/v1/applications/{submitted.json()['id']}/objections"
+        for caller in (stranger, provider):
+            assert_problem(await client.post(path, headers=caller, json={"reason": "x"}), 404, "not_found")
+        assert_problem(await client.post(path, headers=admin, json={"reason": "x"}), 409, "conflict")

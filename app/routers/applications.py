@@ -449,8 +449,16 @@ async def list_notices(session: SessionDep, page: PageDep) -> Page[NoticeOut]:
 async def object_to(
     application_id: ApplicationId, body: ObjectionIn, session: SessionDep, caller: CallerDep
 ) -> ObjectionOut:
+    conn = await session.connection()
+    application = await service.get(conn, application_id)
+    if application.status not in ("in_notice", "held") and caller.role in (Role.ENTERPRISE, Role.PROVIDER):
+        # only awards in public notice are public: any other application of another entity does not exist
+        # for this caller, and its status is not for it to learn
+        _visible(caller, application)
+        if caller.role is Role.PROVIDER:
+            raise ApplicationNotFound(f"no application {application_id}")
     objection = await notices.raise_objection(
-        await session.connection(), application_id=application_id, reason=body.reason, actor=caller.key_id
+        conn, application_id=application_id, reason=body.reason, actor=caller.key_id
     )
     await session.commit()
     return ObjectionOut.model_validate(objection, from_attributes=True)

@@ -374,6 +374,8 @@ class Ledger:
         if row is not None:
             account = Account(row.id, code, currency, limit)
         else:
+            # read it afresh: a cached id may be from a creation that was rolled back
+            self._by_code.pop(code, None)
             account = (await self.accounts(conn, [code]))[code]
             if account.currency != currency or account.limit != limit:
                 raise AccountExists(f"account {code} exists in {account.currency} with limit {account.limit or 'none'}")
@@ -576,6 +578,10 @@ class Ledger:
                 [p.amount_fen for p in postings],
             )
         except (DBAPIError, asyncpg.PostgresError) as exc:
+            if sqlstate(exc) == "VL404":
+                # an id cached from a creation that was rolled back: forget them, the caller may retry
+                for posting in postings:
+                    self._by_code.pop(posting.account, None)
             _raise_mapped(exc)
             raise
         assert row is not None

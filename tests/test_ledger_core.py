@@ -405,3 +405,19 @@ async def test_a_single_statement_write_is_durable_on_its_own(engine: AsyncEngin
     )
     async with engine.connect() as conn:
         assert (await ledger.entry(conn, entry.id)).postings[1].amount_fen == 3
+
+
+async def test_an_account_whose_creation_rolled_back_is_not_remembered(engine: AsyncEngine, ledger: Ledger) -> None:
+    code = f"{unique('t')}:rolled-back"
+    other = Ledger()  # another process
+    async with engine.connect() as conn:
+        await ledger.open_account(conn, code)
+        await conn.rollback()
+    created = await run_in_transaction(engine, lambda c: other.open_account(c, code))
+    again = await run_in_transaction(engine, lambda c: ledger.open_account(c, code))
+    assert again.id == created.id
+    peer = await run_in_transaction(engine, lambda c: ledger.open_account(c, f"{unique('t')}:peer"))
+    entry = await run_in_transaction(
+        engine, lambda c: ledger.transfer(c, key=unique("k-"), postings=[debit(code, 1), credit(peer.code, 1)])
+    )
+    assert entry.postings[0].account == code

@@ -375,38 +375,53 @@ class Ledger:
             account = Account(row.id, code, currency, limit)
         else:
             # read it afresh: a cached id may be from a creation that was rolled back
-            self._by_code.pop(code, None)
-            account = (await self.accounts(conn, [code]))[code]
+            fetched = await self._fetch(conn, [code])
+            if code not in fetched:
+                raise AccountNotFound(f"unknown account: {code}")
+            account = fetched[code]
             if account.currency != currency or account.limit != limit:
                 raise AccountExists(f"account {code} exists in {account.currency} with limit {account.limit or 'none'}")
         self._by_code[code] = account
         return account
 
     async def accounts(self, conn: AsyncConnection, codes: Iterable[str]) -> dict[str, Account]:
-        """Resolve codes to accounts (cached); an unknown code is `AccountNotFound`."""
+        """Resolve codes to accounts (cached); an unknown code is `AccountNotFound`.
+
+        The answer is built from what this call saw, never by re-reading the shared cache after an await:
+        another task may evict an entry meanwhile (see `open_account`), and that must not make a known
+        account look unknown."""
         wanted = set(codes)
-        missing = [code for code in wanted if code not in self._by_code]
+        found = {code: account for code in wanted if (account := self._by_code.get(code)) is not None}
+        missing = [code for code in wanted if code not in found]
         if missing:
-            rows = await conn.execute(
-                text(
-                    """
-                    SELECT id, code, currency, debits_must_not_exceed_credits, credits_must_not_exceed_debits
-                      FROM ledger_account WHERE code = ANY(:codes)
-                    """
-                ),
-                {"codes": missing},
-            )
-            for row in rows:
-                self._by_code[row.code] = Account(
-                    row.id,
-                    row.code,
-                    row.currency.strip(),
-                    _limit_of(row.debits_must_not_exceed_credits, row.credits_must_not_exceed_debits),
-                )
-        unknown = sorted(code for code in wanted if code not in self._by_code)
+            found.update(await self._fetch(conn, missing))
+        unknown = sorted(code for code in wanted if code not in found)
         if unknown:
             raise AccountNotFound(f"unknown account(s): {', '.join(unknown)}")
-        return {code: self._by_code[code] for code in wanted}
+        return found
+
+    async def _fetch(self, conn: AsyncConnection, codes: Sequence[str]) -> dict[str, Account]:
+        """Read accounts from the database (committed or written by this transaction) and cache them."""
+        rows = await conn.execute(
+            text(
+                """
+                SELECT id, code, currency, debits_must_not_exceed_credits, credits_must_not_exceed_debits
+                  FROM ledger_account WHERE code = ANY(:codes)
+                """
+            ),
+            {"codes": list(codes)},
+        )
+        fetched = {
+            row.code: Account(
+                row.id,
+                row.code,
+                row.currency.strip(),
+                _limit_of(row.debits_must_not_exceed_credits, row.credits_must_not_exceed_debits),
+            )
+            for row in rows
+        }
+        self._by_code.update(fetched)
+        return fetched
 
     # -- writes ------------------------------------------------------------------------------------
 

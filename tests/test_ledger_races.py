@@ -176,3 +176,22 @@ async def test_crossing_transfers_do_not_deadlock(wide_engine: AsyncEngine) -> N
     async with wide_engine.connect() as conn:
         total = sum(x.available_fen for x in await ledger.balances(conn, codes=[a, b]))
     assert total == 2_000
+
+
+async def test_concurrent_opens_and_posts_on_one_account_never_lose_it(wide_engine: AsyncEngine) -> None:
+    # each redemption opens the provider's payable account and posts to it; 40 at once in one process
+    # (one cache) must all resolve the account, whichever of them found it first
+    creator, ledger = Ledger(), Ledger()
+    acc = await open_accounts(wide_engine, creator, {"world": None, "payable": None})
+
+    async def open_and_post(i: int) -> Entry:
+        async def work(conn: Any) -> Entry:
+            await ledger.open_account(conn, acc["payable"].code)
+            return await ledger.transfer(
+                conn, key=unique(f"p{i}-"), postings=[debit(acc["world"].code, 1), credit(acc["payable"].code, 1)]
+            )
+
+        return await run_in_transaction(wide_engine, work)
+
+    results = await outcomes([open_and_post(i) for i in range(40)])
+    assert all(isinstance(r, Entry) for r in results), [r for r in results if not isinstance(r, Entry)][:3]

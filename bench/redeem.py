@@ -257,6 +257,7 @@ async def drive(
 ) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
+    samples: dict[str, str] = {}  # the first answer of each error status
     numbers: Iterator[int] = itertools.count()
     run = f"{label}-{time.time_ns()}"
 
@@ -287,6 +288,8 @@ async def drive(
                 statuses[str(response.status_code)] += 1
                 if response.status_code == 201:
                     latencies.append(elapsed)
+                else:
+                    samples.setdefault(str(response.status_code), response.text[:300])
 
     cpu, before = time.process_time(), probe()
     began = time.perf_counter()
@@ -302,6 +305,7 @@ async def drive(
         "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
         "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"),
         "errors": {k: v for k, v in sorted(statuses.items()) if k != "201"},
+        "samples": samples,
         "client_cpu": cpu / wall,
         # CPU ms per redemption: the service's processes, PostgreSQL's, and everything else on the machine
         "service_ms": service * per,
@@ -353,6 +357,8 @@ def print_row(label: str, clients: int, r: dict[str, Any]) -> None:
         f"{r['other_ms']:>6.1f} {r['cores_busy']:>6.2f}  {errors}",
         flush=True,
     )
+    for status, body in r["samples"].items():
+        print(f"         first {status}: {body}")
 
 
 async def main() -> int:

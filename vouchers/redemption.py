@@ -166,7 +166,10 @@ def _subsidy(program: Any, rate_bp: int, lines: Sequence[Line]) -> _Subsidy:
 
 
 async def _token_room(conn: AsyncConnection, presented: Presented) -> int | None:
-    """What the token may still spend (None: no limit), its row locked for this transaction."""
+    """What a narrowed token may still spend, its row locked for this transaction; None for a token with no
+    limit, which is neither read nor locked (every redemption of a busy voucher would queue on it)."""
+    if presented.max_amount_fen is None:
+        return None
     row = (
         await conn.execute(
             text("SELECT max_amount_fen, spent_fen FROM voucher_token WHERE jti = :j FOR UPDATE"), {"j": presented.jti}
@@ -227,9 +230,11 @@ async def redeem(
             memo=memo,
             metadata=metadata,
         )
-    await conn.execute(
-        text("UPDATE voucher_token SET spent_fen = spent_fen + :s WHERE jti = :j"), {"s": subsidy, "j": presented.jti}
-    )
+    if room is not None:  # only a limited token keeps count of what it spent
+        await conn.execute(
+            text("UPDATE voucher_token SET spent_fen = spent_fen + :s WHERE jti = :j"),
+            {"s": subsidy, "j": presented.jti},
+        )
     total = sum(line.amount_fen for line in lines)
     inserted = await conn.scalar(
         text(

@@ -1,9 +1,10 @@
-"""`voucher-ledger`: serve, migrate, apikey create, keys rotate.
+"""`voucher-ledger`: serve, migrate, apikey create, keys rotate, verify-export.
 
 Without `DATABASE_URL` every command uses the embedded PostgreSQL in `VL_DATA_DIR`; commands run at the
 same time in the same folder reach the same server, which stops when the last of them exits.
 
-Exit status: 0 done, 1 the command failed (database unreachable, schema not migrated), 2 bad usage.
+Exit status: 0 done, 1 the command failed (database unreachable, schema not migrated; for verify-export: the
+export is not sound), 2 bad usage (for verify-export also: the file or the JWKS cannot be read).
 """
 
 from __future__ import annotations
@@ -220,6 +221,57 @@ def _keys_rotate(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# verify-export
+
+JWKS_FETCH_TIMEOUT_S = 10
+JWKS_SIZE_MAX = 1024 * 1024
+
+
+def _read_jwks(source: str) -> dict[str, Any]:
+    """A JWKS from a file or an http(s) URL; CommandFailed (exit 2) when it cannot be read or parsed."""
+    import json
+    import urllib.request
+
+    try:
+        if source.startswith(("http://", "https://")):
+            request = urllib.request.Request(source, headers={"Accept": "application/json"})  # noqa: S310 (http(s) only)
+            with urllib.request.urlopen(request, timeout=JWKS_FETCH_TIMEOUT_S) as response:  # noqa: S310
+                raw = response.read(JWKS_SIZE_MAX + 1)
+        else:
+            with open(source, "rb") as file:
+                raw = file.read(JWKS_SIZE_MAX + 1)
+        if len(raw) > JWKS_SIZE_MAX:
+            raise ValueError(f"larger than {JWKS_SIZE_MAX} bytes")
+        jwks = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise CommandFailed(f"--jwks {source}: cannot read a JWKS: {exc}") from None
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+        raise CommandFailed(f'--jwks {source}: not a JWKS (a JSON object with a "keys" list)')
+    return jwks
+
+
+def _verify_export(args: argparse.Namespace, _settings: Settings) -> int:
+    from ledger.export import verify_export
+
+    try:
+        jwks = None if args.jwks is None else _read_jwks(args.jwks)
+    except CommandFailed as exc:
+        _error(str(exc))
+        return 2
+    try:
+        with open(args.file, "rb") as file:
+            report = verify_export(file, jwks)
+    except OSError as exc:
+        _error(f"{args.file}: {exc.strerror or exc}")
+        return 2
+    if not report.ok:
+        _error(f"{args.file}: NOT SOUND: {report.summary}")
+        return 1
+    print(f"{args.file}: {report.summary}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 
 
 def _port(value: str) -> int:
@@ -262,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys_commands = keys_.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     rotate = keys_commands.add_parser("rotate", help="a new active signing key; its kid is the last line")
     rotate.set_defaults(handler=_keys_rotate)
+
+    verify = commands.add_parser(
+        "verify-export", help="check a jsonl journal export offline: balances, hash chain, manifest, signature"
+    )
+    verify.add_argument("file", metavar="FILE", help="the export (GET /v1/exports/journal?format=jsonl)")
+    verify.add_argument(
+        "--jwks", metavar="FILE_OR_URL", help="the keys you trust (a file, or e.g. https://host/.well-known/jwks.json)"
+    )
+    verify.set_defaults(handler=_verify_export)
     return parser
 
 

@@ -1,0 +1,183 @@
+"""`GET /v1/exports/journal`: the sealed journal, streamed, for auditors and administrators.
+
+The rows come from a server-side cursor on a connection of the export's own, in one REPEATABLE READ
+snapshot (every line, and the manifest, describe the same moment), and are written out a batch at a time:
+memory stays flat however long the journal. Serialization is `ledger.export`, which the offline verifier
+(`voucher-ledger verify-export`) shares.
+
+- `from`/`to` (RFC 3339 with an offset) select a contiguous stretch of the chain: from the first sealed
+  entry created at or after `from` to the last created before `to`. Entries are sealed in commit order and
+  stamped when their transaction began, so the stretch can hold at its edges a few entries stamped just
+  outside the range; in exchange every time-ranged export still links as a chain.
+- `program`, `entity_id` and `account_prefix` select entries out of the chain (the manifest records them
+  and says `contiguous: false`): each entry's hash still verifies, its neighbours' links cannot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import AwareDatetime
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.dependencies import AdminOrAuditorCaller
+from app.errors import ValidationFailed, problem_responses
+from ledger import chain, export
+from ledger.service import _ENTRY_COLUMNS
+from vouchers.keys import KeyRing
+
+router = APIRouter(prefix="/exports", tags=["exports"], responses=problem_responses(401, 403, 422))
+
+BATCH_ROWS = 1_000
+MEDIA_TYPES = {
+    "jsonl": "application/x-ndjson",
+    "csv": "text/csv; charset=utf-8",
+    "ledger": "text/plain; charset=utf-8",
+}
+EXTENSIONS = {"jsonl": "jsonl", "csv": "csv", "ledger": "journal"}
+
+# the stretch of the chain a time range selects (without a bound: the chain's own end, by its primary key)
+_FIRST_SEQ = "SELECT min(chain_seq) FROM ledger_seal"
+_LAST_SEQ = "SELECT max(chain_seq) FROM ledger_seal"
+_FIRST_SEQ_FROM = """
+    SELECT min(s.chain_seq) FROM ledger_seal s JOIN ledger_entry e ON e.id = s.entry_id
+     WHERE e.created_at >= :at
+"""
+_LAST_SEQ_BEFORE = """
+    SELECT max(s.chain_seq) FROM ledger_seal s JOIN ledger_entry e ON e.id = s.entry_id
+     WHERE e.created_at < :at
+"""
+
+# An entry concerns a program when its metadata names it, or it touches the program's accounts or one of
+# its vouchers; an entity, when it touches the entity's accounts or a voucher the entity holds.
+_ROWS = f"""
+    SELECT {_ENTRY_COLUMNS}
+      FROM ledger_seal s JOIN ledger_entry e ON e.id = s.entry_id
+     WHERE s.chain_seq BETWEEN :lo AND :hi
+       AND (CAST(:prefix AS text) IS NULL OR EXISTS (
+            SELECT 1 FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id
+             WHERE p.entry_id = e.id
+               AND (a.code = CAST(:prefix AS text) OR starts_with(a.code, CAST(:prefix AS text) || ':'))))
+       AND (CAST(:program AS text) IS NULL OR e.metadata ->> 'program' = CAST(:program AS text) OR EXISTS (
+            SELECT 1 FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id
+              LEFT JOIN voucher v ON starts_with(a.code, 'voucher:') AND v.id = substr(a.code, 9)
+             WHERE p.entry_id = e.id
+               AND (starts_with(a.code, 'program:' || CAST(:program AS text) || ':')
+                    OR v.program = CAST(:program AS text))))
+       AND (CAST(:entity AS text) IS NULL OR EXISTS (
+            SELECT 1 FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id
+              LEFT JOIN voucher v ON starts_with(a.code, 'voucher:') AND v.id = substr(a.code, 9)
+             WHERE p.entry_id = e.id
+               AND (a.code = 'entity:' || CAST(:entity AS text)
+                    OR starts_with(a.code, 'entity:' || CAST(:entity AS text) || ':')
+                    OR v.holder_entity_id = CAST(:entity AS text))))
+     ORDER BY s.chain_seq
+"""  # noqa: S608 (constants only)
+
+Format = Literal["jsonl", "csv", "ledger"]
+Code = Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+def _stamp(moment: datetime | None, default: str) -> str:
+    return default if moment is None else moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+async def _rows(engine: AsyncEngine, params: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+    """Batches of sealed entries in chain order, from one snapshot, through a server-side cursor."""
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with conn.begin():
+            from_ts, to_ts = params["from_ts"], params["to_ts"]
+            lo = await conn.scalar(text(_FIRST_SEQ if from_ts is None else _FIRST_SEQ_FROM), {"at": from_ts})
+            hi = await conn.scalar(text(_LAST_SEQ if to_ts is None else _LAST_SEQ_BEFORE), {"at": to_ts})
+            if lo is None or hi is None or lo > hi:
+                return
+            result = await conn.stream(text(_ROWS), {**params, "lo": lo, "hi": hi})
+            async for batch in result.mappings().partitions(BATCH_ROWS):
+                yield [export.entry_record(dict(row)) for row in batch]
+
+
+def _body(
+    fmt: Format, engine: AsyncEngine, params: dict[str, Any], sign: Callable[[export.ManifestBuilder], bytes] | None
+) -> AsyncIterator[bytes]:
+    filters = {
+        "from": None if params["from_ts"] is None else chain.rfc3339(params["from_ts"]),
+        "to": None if params["to_ts"] is None else chain.rfc3339(params["to_ts"]),
+        "program": params["program"],
+        "entity_id": params["entity"],
+        "account_prefix": params["prefix"],
+    }
+
+    async def jsonl() -> AsyncIterator[bytes]:
+        builder = export.ManifestBuilder(filters)
+        async for batch in _rows(engine, params):
+            out = []
+            for record in batch:
+                line = export.jsonl_line(record)
+                builder.add(record, line)
+                out.append(line)
+            yield b"".join(out)
+        assert sign is not None
+        yield sign(builder)
+
+    async def csv() -> AsyncIterator[bytes]:
+        yield export.csv_header().encode()
+        async for batch in _rows(engine, params):
+            yield "".join(export.csv_rows(record) for record in batch).encode()
+
+    async def ledger() -> AsyncIterator[bytes]:
+        yield export.hledger_header().encode()
+        async for batch in _rows(engine, params):
+            yield "".join(export.hledger_transaction(record) for record in batch).encode()
+
+    return {"jsonl": jsonl, "csv": csv, "ledger": ledger}[fmt]()
+
+
+@router.get(
+    "/journal",
+    summary="The sealed journal in chain order, streamed: jsonl (signed manifest), csv or an hledger journal",
+    response_class=StreamingResponse,
+    responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+)
+async def export_journal(
+    request: Request,
+    _caller: AdminOrAuditorCaller,
+    format: Format = "jsonl",
+    from_: Annotated[
+        AwareDatetime | None, Query(alias="from", description="RFC 3339 with an offset; default: the first entry")
+    ] = None,
+    to: Annotated[AwareDatetime | None, Query(description="RFC 3339 with an offset, exclusive; default: now")] = None,
+    program: Code = None,
+    entity_id: Code = None,
+    account_prefix: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")] = None,
+) -> StreamingResponse:
+    if from_ is not None and to is not None and from_ >= to:
+        raise ValidationFailed("from must be before to", loc=("query", "from"))
+    engine: AsyncEngine = request.app.state.engine
+    sign: Callable[[export.ManifestBuilder], bytes] | None = None
+    if format == "jsonl":
+        # the signing key is read before the first byte: a missing key is an error response, not a cut export
+        keyring: KeyRing = request.app.state.keyring
+        async with engine.begin() as conn:
+            kid, key = await keyring.signer(conn)
+
+        def sign(builder: export.ManifestBuilder) -> bytes:
+            return builder.signed_line(kid, key, datetime.now(UTC))
+
+    now = datetime.now(UTC)
+    params = {"from_ts": from_, "to_ts": to, "program": program, "entity": entity_id, "prefix": account_prefix}
+    filename = f"journal-{_stamp(from_, 'start')}-{_stamp(to, now.strftime('%Y%m%dT%H%M%SZ'))}.{EXTENSIONS[format]}"
+    return StreamingResponse(
+        _body(format, engine, params, sign),
+        media_type=MEDIA_TYPES[format],
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

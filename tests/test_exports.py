@@ -1,0 +1,411 @@
+"""`GET /v1/exports/journal` through the real app, and `voucher-ledger verify-export` on what it gives.
+
+The formats are read back by the tools an auditor would use: `json`, the `csv` module, and the real
+`hledger` (installed by `.ci/run`; CI fails without it, a laptop may skip those checks with the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import itertools
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.apikeys import Role
+from app.background import seal_all
+from app.main import create_app
+from app.settings import Settings
+from ledger import export
+from ledger.postings import credit, debit
+from ledger.service import Account, Entry, Ledger, run_in_transaction
+from tests.ledger_support import open_accounts, unique
+from tests.test_support import VOUCHER_LEDGER, assert_problem, bearer, create_key, running_app
+from vouchers.keys import b64url, public_jwk
+
+MEMO = '采购, "GPU" 租用; 算力券 | 第1期'
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    app = create_app(settings)
+    async with running_app(settings, app):
+        yield app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+async def auditor(engine: AsyncEngine) -> dict[str, str]:
+    return bearer(await create_key(engine, Role.AUDITOR))
+
+
+async def _journal(engine: AsyncEngine, ledger: Ledger) -> tuple[dict[str, Account], list[Entry]]:
+    """A few entries under a fresh namespace: transfers (one with a memo that needs quoting), a hold captured
+    in part (pending and release postings), a program's metadata, an entity's payable account."""
+    acc = await open_accounts(
+        engine,
+        ledger,
+        {"world": None, "budget": "debits_must_not_exceed_credits", "voucher": "debits_must_not_exceed_credits"},
+    )
+    space = acc["world"].code.split(":")[0]
+    payable = f"entity:ent_{space}:payable"
+    await run_in_transaction(engine, lambda c: ledger.open_account(c, payable))
+    program = f"test.{space}"
+    made = [
+        await run_in_transaction(
+            engine,
+            lambda c: ledger.transfer(
+                c,
+                key=unique("k-"),
+                postings=[debit(acc["world"].code, 1_000_000), credit(acc["budget"].code, 1_000_000)],
+                metadata={"program": program},
+            ),
+        ),
+        await run_in_transaction(
+            engine,
+            lambda c: ledger.transfer(
+                c,
+                key=unique("k-"),
+                postings=[debit(acc["budget"].code, 123_456), credit(acc["voucher"].code, 123_456)],
+                memo=MEMO,
+            ),
+        ),
+    ]
+    hold = await run_in_transaction(
+        engine,
+        lambda c: ledger.hold(
+            c, key=unique("h-"), postings=[debit(acc["voucher"].code, 600), credit(payable, 600)], timeout_s=3600
+        ),
+    )
+    made.append(hold)
+    made.append(
+        await run_in_transaction(
+            engine, lambda c: ledger.post_pending(c, key=unique("p-"), pending_entry_id=hold.id, amount_fen=250)
+        )
+    )
+    return acc | {"payable": Account(0, payable, "CNY", None)}, made
+
+
+async def _get(client: httpx.AsyncClient, headers: dict[str, str], **params: str) -> httpx.Response:
+    response = await client.get("/v1/exports/journal", params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _lines(body: bytes) -> list[bytes]:
+    return body.splitlines(keepends=True)
+
+
+async def test_only_auditors_and_admins_export_and_parameters_are_checked(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    keys = {role: await create_key(engine, role) for role in Role}
+    path = "/v1/exports/journal"
+    assert_problem(await client.get(path), 401, "unauthorized")
+    for role in (Role.ENTERPRISE, Role.PROVIDER):
+        assert_problem(await client.get(path, headers=bearer(keys[role])), 403, "forbidden")
+    for role in (Role.ADMIN, Role.AUDITOR):
+        assert (await client.get(path, params={"format": "csv"}, headers=bearer(keys[role]))).status_code == 200
+    auditor = bearer(keys[Role.AUDITOR])
+    for bad in (
+        {"format": "xml"},
+        {"from": "2026-01-01T00:00:00"},  # no offset
+        {"to": "yesterday"},
+        {"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
+        {"program": "a b"},
+        {"entity_id": "x;drop"},
+        {"account_prefix": ":x"},
+    ):
+        assert_problem(await client.get(path, params=bad, headers=auditor), 422, "validation_error")
+
+
+async def test_jsonl_is_the_sealed_chain_in_order_with_a_signed_manifest(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
+) -> None:
+    ledger: Ledger = app.state.ledger
+    acc, made = await _journal(engine, ledger)
+    await seal_all(engine, ledger)
+    unsealed = await run_in_transaction(
+        engine,
+        lambda c: ledger.transfer(
+            c, key=unique("k-"), postings=[debit(acc["world"].code, 1), credit(acc["budget"].code, 1)]
+        ),
+    )
+    response = await _get(client, auditor, format="jsonl")
+    assert response.headers["content-type"] == "application/x-ndjson"
+    disposition = response.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="journal-start-') and disposition.endswith('.jsonl"')
+    lines = _lines(response.content)
+    records = [json.loads(line) for line in lines[:-1]]
+    manifest = json.loads(lines[-1])
+    assert [r["chain_seq"] for r in records] == list(range(1, len(records) + 1))
+    assert all(r["prev_hash"] == p["hash"] for p, r in itertools.pairwise(records))
+    by_id = {r["id"]: r for r in records}
+    assert str(unsealed.id) not in by_id
+    assert all(str(e.id) in by_id for e in made)
+    memo_entry = by_id[str(made[1].id)]
+    assert memo_entry["memo"] == MEMO
+    assert memo_entry["postings"] == [
+        {"account": acc["budget"].code, "debit_fen": 123_456, "credit_fen": 0, "phase": "posted"},
+        {"account": acc["voucher"].code, "debit_fen": 0, "credit_fen": 123_456, "phase": "posted"},
+    ]
+    assert {p["phase"] for p in by_id[str(made[3].id)]["postings"]} == {"posted", "release"}
+    assert manifest["type"] == "manifest" and manifest["entries"] == len(records)
+    assert manifest["first_chain_seq"] == 1 and manifest["last_hash"] == records[-1]["hash"]
+    assert manifest["contiguous"] is True and manifest["kid"] == app.state.keyring.active_kid
+
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+    report = export.verify_export(lines, jwks)
+    assert report.ok, report.summary
+    assert f"sound: {len(records)} entries" in report.summary and "signature verified" in report.summary
+    unsigned = export.verify_export(lines, None)
+    assert unsigned.ok and "signature not checked" in unsigned.summary
+
+    # an entry sealed later appears in the next export, the earlier lines unchanged
+    await seal_all(engine, ledger)
+    later = _lines((await _get(client, auditor, format="jsonl")).content)
+    assert later[: len(records)] == lines[:-1]
+    assert any(json.loads(line).get("id") == str(unsealed.id) for line in later[:-1])
+
+
+async def test_filters_select_entries_and_still_verify(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
+) -> None:
+    ledger: Ledger = app.state.ledger
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    acc, made = await _journal(engine, ledger)
+    await seal_all(engine, ledger)
+    space = acc["world"].code.split(":")[0]
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+    ids = [str(e.id) for e in made]
+
+    async def selected(**params: str) -> tuple[list[str], dict[str, Any]]:
+        lines = _lines((await _get(client, auditor, format="jsonl", **params)).content)
+        report = export.verify_export(lines, jwks)
+        assert report.ok, report.summary
+        return [json.loads(line)["id"] for line in lines[:-1]], json.loads(lines[-1])
+
+    got, manifest = await selected(account_prefix=space)
+    assert got == ids
+    assert manifest["contiguous"] is False and manifest["filters"]["account_prefix"] == space
+    assert (await selected(program=f"test.{space}"))[0] == ids[:1]
+    assert (await selected(entity_id=f"ent_{space}"))[0] == ids[2:]
+    got, manifest = await selected(**{"from": before.isoformat()})
+    assert manifest["contiguous"] is True and set(ids) <= set(got)
+    assert (await selected(**{"to": before.isoformat(), "account_prefix": space}))[0] == []
+    empty = _lines((await _get(client, auditor, format="csv", **{"to": "2000-01-01T00:00:00+08:00"})).content)
+    assert empty == [b"entry_id,chain_seq,created_at,kind,account,debit_fen,credit_fen,phase,memo,hash\r\n"]
+
+
+async def test_csv_has_a_row_per_posting_with_rfc4180_quoting(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
+) -> None:
+    ledger: Ledger = app.state.ledger
+    acc, made = await _journal(engine, ledger)
+    await seal_all(engine, ledger)
+    space = acc["world"].code.split(":")[0]
+    response = await _get(client, auditor, format="csv", account_prefix=space)
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
+    assert response.headers["content-disposition"].endswith('.csv"')
+    assert b"\r\n" in response.content and '"采购, ""GPU"" 租用; 算力券 | 第1期"'.encode() in response.content
+    rows = list(csv.DictReader(io.StringIO(response.content.decode("utf-8"), newline="")))
+    assert [r["entry_id"] for r in rows] == [str(e.id) for e in made for _ in e.postings]
+    memo_rows = [r for r in rows if r["entry_id"] == str(made[1].id)]
+    assert [r["memo"] for r in memo_rows] == [MEMO, MEMO]
+    assert [(r["account"], r["debit_fen"], r["credit_fen"]) for r in memo_rows] == [
+        (acc["budget"].code, "123456", "0"),
+        (acc["voucher"].code, "0", "123456"),
+    ]
+    assert all(len(r["hash"]) == 64 and r["chain_seq"].isdigit() for r in rows)
+
+
+def _hledger() -> str:
+    found = shutil.which("hledger")
+    if found is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("hledger is not installed: .ci/run installs it (apt-get install hledger)")
+        pytest.skip("hledger is not installed (apt-get install hledger); CI installs it and runs this check")
+    return found
+
+
+async def test_hledger_reads_the_ledger_export_and_agrees_with_the_api(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str], tmp_path: Path
+) -> None:
+    hledger = _hledger()
+    ledger: Ledger = app.state.ledger
+    acc, _made = await _journal(engine, ledger)
+    await seal_all(engine, ledger)
+    response = await _get(client, auditor, format="ledger")
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.headers["content-disposition"].endswith('.journal"')
+    journal = tmp_path / "export.journal"
+    journal.write_bytes(response.content)
+    assert "-1234.56 CNY" in response.text and "; pending: debit" in response.text
+
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [hledger, "-f", str(journal), "balance", "--flat", "--empty", "--no-total", "-O", "csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["account", "balance"]
+    from_hledger = {row[0]: Decimal(row[1].removesuffix(" CNY").replace(",", "") or "0") for row in rows[1:]}
+
+    from_api: dict[str, Decimal] = {}
+    cursor = None
+    while True:
+        params = {"limit": 500, **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/v1/ledger/accounts", params=params, headers=auditor)).json()
+        for account in page["data"]:
+            from_api[account["code"]] = Decimal(account["debits_posted_fen"] - account["credits_posted_fen"]) / 100
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert from_hledger, result.stdout
+    for code, balance in from_hledger.items():
+        assert from_api[code] == balance, code
+    for code, balance in from_api.items():
+        assert from_hledger.get(code, Decimal(0)) == balance, code
+    # the hold moved nothing; its capture posted 2.50 to the payable
+    assert from_hledger[acc["payable"].code] == Decimal("-2.50")
+    assert from_hledger[acc["voucher"].code] == Decimal("-1234.56") + Decimal("2.50")
+
+
+# -- verify-export: each way an export can be damaged is named by its first bad line ------------------------
+
+
+async def _export(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
+) -> tuple[list[bytes], dict[str, Any]]:
+    ledger: Ledger = app.state.ledger
+    await _journal(engine, ledger)
+    await seal_all(engine, ledger)
+    lines = _lines((await _get(client, auditor, format="jsonl")).content)
+    assert len(lines) >= 6
+    return lines, (await client.get("/.well-known/jwks.json")).json()
+
+
+def _edit(line: bytes, **changes: Any) -> bytes:
+    return json.dumps({**json.loads(line), **changes}, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+async def test_verify_export_names_the_first_bad_line(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
+) -> None:
+    lines, jwks = await _export(app, client, engine, auditor)
+    n = len(lines)  # the manifest is line n
+    assert export.verify_export(lines, jwks).ok
+
+    def bad(damaged: list[bytes], keys: dict[str, Any] | None = jwks) -> int | None:
+        report = export.verify_export(damaged, keys)
+        assert not report.ok
+        assert report.summary.startswith(f"line {report.first_bad_line}:"), report.summary
+        return report.first_bad_line
+
+    # edited: a memo, an amount (kept balanced), or the hash recomputed by the editor
+    assert bad([*lines[:2], _edit(lines[2], memo="edited"), *lines[3:]]) == 3
+    record = json.loads(lines[1])
+    postings = [{**p, "debit_fen": p["debit_fen"] * 2, "credit_fen": p["credit_fen"] * 2} for p in record["postings"]]
+    assert bad([lines[0], _edit(lines[1], postings=postings), *lines[2:]]) == 2
+    unbalanced = [{**postings[0], "debit_fen": postings[0]["debit_fen"] + 1}, *postings[1:]]
+    assert "does not balance" in export.verify_export([lines[0], _edit(lines[1], postings=unbalanced)], jwks).summary
+    # deleted: in the middle (the chain breaks at the next line), or the last entry (the manifest disagrees)
+    assert bad([*lines[:2], *lines[3:]]) == 3
+    assert bad([*lines[: n - 2], lines[-1]]) == n - 1
+    # reordered
+    assert bad([lines[0], lines[2], lines[1], *lines[3:]]) == 2
+    # appended after the manifest, or inserted before it (a line copied from elsewhere)
+    assert bad([*lines, lines[1]]) == n + 1
+    assert bad([*lines[:-1], lines[1], lines[-1]]) == n
+    # cut tail: no manifest, or a half line
+    assert bad(lines[:-1]) == n
+    assert bad([*lines[:-1], lines[-1][:20]]) == n
+    assert bad([*lines[:-2], lines[-2][:-1]]) == n - 1
+    # the manifest re-signed with another key, or altered and left as signed
+    other = Ed25519PrivateKey.generate()
+    manifest = json.loads(lines[-1])
+    forged = export.manifest_line({**manifest, "kid": public_jwk(other.public_key())["kid"]}, other)
+    assert bad([*lines[:-1], forged]) == n
+    forged_same_kid = export.manifest_line(manifest, other)
+    assert bad([*lines[:-1], forged_same_kid]) == n
+    assert bad([*lines[:-1], _edit(lines[-1], created_at="2020-01-01T00:00:00.000000Z")]) == n
+    # the forgery passes every check but the signature, which is why an auditor gives --jwks
+    assert export.verify_export([*lines[:-1], forged], None).ok
+    assert bad(lines, {"keys": []}) == n
+
+
+async def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VL_") and k != "DATABASE_URL"}
+    return await asyncio.to_thread(
+        subprocess.run,
+        [VOUCHER_LEDGER, *args],
+        env={**clean, "VL_BACKGROUND_TASKS": "false", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_cli_verify_export_and_old_exports_after_a_rotation(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    lines, jwks = await _export(app, client, engine, auditor)
+    good = tmp_path / "journal.jsonl"
+    good.write_bytes(b"".join(lines))
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps(jwks))
+
+    ok = await _cli("verify-export", str(good), "--jwks", str(jwks_file))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("\n") == 1 and "sound:" in ok.stdout and "signature verified" in ok.stdout
+    unsigned = await _cli("verify-export", str(good))
+    assert unsigned.returncode == 0 and "signature not checked" in unsigned.stdout
+
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(b"".join([lines[0], lines[2], lines[1], *lines[3:]]))
+    result = await _cli("verify-export", str(damaged), "--jwks", str(jwks_file))
+    assert result.returncode == 1 and "line 2:" in result.stderr and result.stdout == ""
+    missing = await _cli("verify-export", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2
+    assert (await _cli("verify-export", str(good), "--jwks", str(tmp_path / "nope.json"))).returncode == 2
+
+    # keys rotate (another process, as an operator runs it): the old export still verifies against the JWKS
+    old_kid = json.loads(lines[-1])["kid"]
+    rotated = await _cli("keys", "rotate", DATABASE_URL=db_url, VL_KEY_ENCRYPTION_KEY=b64url(app.state.keyring.kek.key))
+    assert rotated.returncode == 0, rotated.stderr
+    new_kid = rotated.stdout.strip().splitlines()[-1]
+    assert new_kid != old_kid
+    fresh = _lines((await _get(client, auditor, format="jsonl")).content)
+    assert json.loads(fresh[-1])["kid"] == new_kid
+    jwks_now = (await client.get("/.well-known/jwks.json")).json()
+    assert {old_kid, new_kid} <= {k["kid"] for k in jwks_now["keys"]}
+    jwks_file.write_text(json.dumps(jwks_now))
+    after = await _cli("verify-export", str(good), "--jwks", str(jwks_file))
+    assert after.returncode == 0, after.stderr
+    assert export.verify_export(fresh, jwks_now).ok
+    # a JWKS without the signing key (the old one, say) does not vouch for the new export
+    assert not export.verify_export(fresh, jwks).ok

@@ -55,4 +55,3 @@ async def run_idempotent(
     )
     await session.commit()
     return idempotency.response(stored)
-

@@ -29,7 +29,9 @@ from app.policy_tasks import policy_pass
 from app.routers import affiliations as affiliations_router
 from app.routers import api_keys, applications, health, metrics, programs, redemptions
 from app.routers import entities as entities_router
+from app.routers import exports as exports_router
 from app.routers import ledger as ledger_router
+from app.routers import reports as reports_router
 from app.routers import settlements as settlements_router
 from app.routers import tokens as tokens_router
 from app.routers import vouchers as vouchers_router
@@ -168,4 +170,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens_router.router, prefix="/v1")
     app.include_router(tokens_router.well_known)
     app.include_router(settlements_router.router, prefix="/v1")
+    app.include_router(reports_router.router, prefix="/v1")
+    app.include_router(exports_router.router, prefix="/v1")
     return app

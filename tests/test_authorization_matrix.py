@@ -296,6 +296,12 @@ TABLE: dict[tuple[str, str], Row] = {
     ),  # an enterprise with nothing payable: 409
     ("GET", "/v1/settlements"): Row(ADMIN_AUDITOR),
     ("GET", "/v1/settlements/{settlement_id}"): Row(ADMIN_AUDITOR, params={"settlement_id": "settlement"}),
+    ("GET", "/v1/exports/journal"): Row(ADMIN_AUDITOR),  # the journal export, every format
+    # reports: a program-year for every admin and the auditor; a statement for the entity itself too
+    ("GET", "/v1/reports/programs/{code}/{year}"): Row(ADMIN_AUDITOR),
+    ("GET", "/v1/entities/{entity_id}/statement"): Row(
+        ENTITY_READ, query=f"year={YEAR}", params={"entity_id": "entity"}
+    ),
 }
 
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}

@@ -55,3 +55,14 @@ async def run_idempotent(
     )
     await session.commit()
     return idempotency.response(stored)
+
+
+async def run_command(
+    session: AsyncSession, caller: Caller, key: str | None, route: str, body: BaseModel | None, command: Command
+) -> JSONResponse:
+    """For commands where the key is optional: idempotent when the caller sends one, else run once."""
+    if key is not None:
+        return await run_idempotent(session, caller, key, route, body, command)
+    status_code, payload = await command(await session.connection())
+    await session.commit()
+    return JSONResponse(payload, status_code=status_code)

@@ -72,6 +72,7 @@ async def _publish_programs(app: FastAPI, engine: AsyncEngine, settings: Setting
     reachable or not migrated yet does not (/readyz says so): the file's catalog serves, and the first
     application publishes the definitions (`ensure_programs_published`)."""
     definitions = load_file(settings.programs_file or DEFINITIONS_FILE)
+    app.state.definitions = definitions
     app.state.programs_published = False
     try:
         async with asyncio.timeout(PUBLISH_TIMEOUT_S), engine.begin() as conn:

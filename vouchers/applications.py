@@ -37,6 +37,7 @@ from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
 from vouchers.errors import VoucherError
 from vouchers.evaluation import Computed, Context, evaluate
+from vouchers.locking import lock
 from vouchers.programs import ProgramDefinition
 from vouchers.rules import program_year, year_end
 
@@ -366,16 +367,6 @@ async def submit(
     return await get(conn, application_id)
 
 
-async def _lock(conn: AsyncConnection, name: str) -> None:
-    await conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:n, 0))"), {"n": name})
-
-
-def _definition(catalog: Catalog, code: str, version: int) -> ProgramDefinition:
-    found = [d for d in catalog.definitions if d.code == code and d.version == version]
-    assert found, f"{code} v{version} is published (a foreign key says so)"
-    return found[0]
-
-
 async def approve(
     conn: AsyncConnection,
     ledger: Ledger,
@@ -390,13 +381,13 @@ async def approve(
     application = await get(conn, application_id, for_update=True)
     if application.status != "submitted":
         raise ApplicationNotPending(f"application {application_id} is {application.status}, not submitted")
-    program = _definition(catalog, application.program, application.definition_version)
+    program = catalog.version(application.program, application.definition_version)
     if program_year(now) > application.year:
         raise YearClosed(f"{application.year} has ended (Asia/Shanghai): nothing is issued for it any more")
     holder, year = application.applicant_entity_id, application.year
     # lock order: program-year, then holder-program-year (every approval takes them in this order)
-    await _lock(conn, f"award:{program.code}:{year}")
-    await _lock(conn, f"award:{program.code}:{year}:{holder}")
+    await lock(conn, f"award:{program.code}:{year}")
+    await lock(conn, f"award:{program.code}:{year}:{holder}")
     basis = parse_basis(program.code, application.basis)
     computed = evaluate(program, basis, await build_context(conn, checker, program, basis, holder, year))
     if program.award == "reviewer" and award_fen is None:
@@ -425,7 +416,7 @@ async def approve(
             )
     await _claim(conn, application_id, _claimed_documents(basis, computed))
     issue_id = new_id("vch_" if program.mode == "voucher" else "pay_")
-    target = await _open_target(conn, ledger, program, holder, issue_id)
+    target = await open_target(conn, ledger, program, holder, issue_id)
     decision = {
         "a": award,
         "c": json.dumps(computed_json(computed)),
@@ -477,14 +468,14 @@ async def approve(
         ),
         decision,
     )
-    return await _record_issue(conn, program, basis, application_id, issue_id, award, entry.id)
+    return await record_issue(conn, program, basis, application_id, issue_id, award, entry.id)
 
 
 # A hold outlives the notice period by this much, so that an objection resolved a little late still finds it.
 NOTICE_GRACE_DAYS = 9
 
 
-async def _open_target(
+async def open_target(
     conn: AsyncConnection, ledger: Ledger, program: ProgramDefinition, holder: str, issue_id: str
 ) -> str:
     """The account an award is credited to: the voucher's own (limited: it can never give more than it
@@ -498,7 +489,7 @@ async def _open_target(
     return target
 
 
-async def _record_issue(
+async def record_issue(
     conn: AsyncConnection,
     program: ProgramDefinition,
     basis: _Basis,

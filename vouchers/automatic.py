@@ -22,6 +22,7 @@ from ledger.service import Ledger
 from vouchers.applications import AffiliationChecker, Issued, approve, build_context, parse_basis, submit
 from vouchers.catalog import Catalog
 from vouchers.evaluation import evaluate
+from vouchers.locking import try_lock
 from vouchers.rules import program_year
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,7 @@ async def grant(
     None when nothing is, or another process is granting it right now. The caller commits."""
     year = program_year(now)
     program = catalog.for_year(PROGRAM, year)
-    locked = await conn.scalar(
-        text("SELECT pg_try_advisory_xact_lock(hashtextextended(:n, 0))"), {"n": f"automatic:{entity_id}:{year}"}
-    )
-    if not locked:
+    if not await try_lock(conn, f"automatic:{entity_id}:{year}"):
         return None
     basis = await _reported_basis(conn, entity_id, year)
     if basis is None:

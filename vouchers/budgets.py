@@ -21,6 +21,7 @@ from ledger.postings import credit, debit
 from ledger.service import Ledger
 from vouchers.catalog import Catalog
 from vouchers.errors import VoucherError
+from vouchers.locking import lock
 
 
 class AppropriationExceeded(VoucherError):
@@ -56,15 +57,10 @@ class BudgetState:
     available_fen: int
 
 
-async def _lock(conn: AsyncConnection, name: str) -> None:
-    """Serialize read-modify-write of one budget figure (released at commit or rollback)."""
-    await conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name})
-
-
 async def ensure_appropriation(conn: AsyncConnection, ledger: Ledger, year: int, amount_fen: int) -> None:
     """Fund `year`'s appropriation account with `amount_fen` (or move it to that figure if the
     configuration changed); shrinking stops at what the program budgets already hold."""
-    await _lock(conn, f"appropriation:{year}")
+    await lock(conn, f"appropriation:{year}")
     await ledger.open_account(conn, authority_account(year))
     await ledger.open_account(conn, appropriation_account(year), limit="debits_must_not_exceed_credits")
     current = await conn.scalar(text("SELECT amount_fen FROM appropriation WHERE year = :y"), {"y": year}) or 0
@@ -122,7 +118,7 @@ async def set_budget(
     """Set the program-year budget to `amount_fen`, drawing from (or returning to) the appropriation."""
     catalog.for_year(code, year)  # unknown program or year outside the term (art. 28): refused here
     await ensure_appropriation(conn, ledger, year, appropriation_fen)
-    await _lock(conn, f"budget:{code}:{year}")
+    await lock(conn, f"budget:{code}:{year}")
     await ledger.open_account(conn, budget_account(code, year), limit="debits_must_not_exceed_credits")
     state = await budget_state(conn, ledger, code, year)
     delta = amount_fen - state.budget_fen

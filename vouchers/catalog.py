@@ -53,6 +53,12 @@ class Catalog:
             raise UnknownProgram(f"program {code!r} has no definition for {year}")
         return found
 
+    def version(self, code: str, version: int) -> ProgramDefinition:
+        """A published version (an application records the one it was evaluated under)."""
+        found = [d for d in self.definitions if d.code == code and d.version == version]
+        assert found, f"{code} v{version} is published (a foreign key says so)"
+        return found[0]
+
     def current(self, year: int) -> list[ProgramDefinition]:
         """Every program's governing definition for `year`, in code order."""
         codes = sorted({d.code for d in self.definitions})

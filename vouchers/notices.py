@@ -26,12 +26,11 @@ from vouchers.applications import (
     ApplicationNotPending,
     BudgetExhausted,
     Issued,
-    _definition,
-    _open_target,
-    _record_issue,
     get,
     new_id,
+    open_target,
     parse_basis,
+    record_issue,
 )
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
@@ -171,13 +170,13 @@ async def issue_from_notice(conn: AsyncConnection, ledger: Ledger, catalog: Cata
         raise ApplicationNotPending(f"application {application_id} is {application.status}, not in notice")
     assert application.award_fen is not None and application.issue_id is not None
     assert application.notice_hold_entry_id is not None
-    program = _definition(catalog, application.program, application.definition_version)
+    program = catalog.version(application.program, application.definition_version)
     try:
         entry = await ledger.post_pending(
             conn, key=f"issue:{application_id}", pending_entry_id=application.notice_hold_entry_id
         )
     except (PendingExpired, PendingResolved):
-        target = await _open_target(conn, ledger, program, application.applicant_entity_id, application.issue_id)
+        target = await open_target(conn, ledger, program, application.applicant_entity_id, application.issue_id)
         try:
             entry = await ledger.transfer(
                 conn,
@@ -193,7 +192,7 @@ async def issue_from_notice(conn: AsyncConnection, ledger: Ledger, catalog: Cata
                 f"the hold of application {application_id} lapsed and the budget can no longer fund it"
             ) from refused
     basis = parse_basis(program.code, application.basis)
-    return await _record_issue(
+    return await record_issue(
         conn, program, basis, application_id, application.issue_id, application.award_fen, entry.id
     )
 

@@ -458,6 +458,7 @@ class Hold:
     status: str
     expires_at: datetime
     pending_entry_id: int
+    jti: str
 
 
 async def create_hold(
@@ -527,6 +528,7 @@ async def get_hold(conn: AsyncConnection, hold_id: str, *, now: datetime, for_up
         status,
         row.expires_at,
         int(row.pending_entry_id),
+        row.jti,
     )
 
 
@@ -556,14 +558,13 @@ async def capture_hold(
     """The final invoice: the subsidy is computed as a redemption's, capped by the hold; the rest of the
     hold is released in the same entry."""
     hold = await _pending_hold(conn, hold_id, provider_entity_id, now)
-    jti = await conn.scalar(text("SELECT jti FROM subsidy_hold WHERE id = :id"), {"id": hold_id})
     token = (
         await conn.execute(
             text(
                 "SELECT t.jti, t.voucher_id, v.holder_entity_id, t.max_amount_fen FROM voucher_token t "
                 "JOIN voucher v ON v.id = t.voucher_id WHERE t.jti = :j"
             ),
-            {"j": jti},
+            {"j": hold.jti},
         )
     ).one()
     presented = Presented(token.jti, token.voucher_id, token.holder_entity_id, token.max_amount_fen)

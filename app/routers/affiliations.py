@@ -23,8 +23,8 @@ from app.apikeys import Role
 from app.dependencies import AdminCaller, AdminOrAuditorCaller, Caller, SessionDep, SettingsDep, require_roles
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
+from app.policy_tasks import thresholds_of
 from app.schemas import RequestModel, ResponseModel
-from app.settings import Settings
 from vouchers.affiliations import (
     SOURCE_LENGTH_MAX,
     AffiliationRecord,
@@ -144,10 +144,6 @@ class AffiliationCheck(ResponseModel):
     affiliated: bool
     path: list[PathStep]
     as_of: date
-
-
-def thresholds_of(settings: Settings) -> Thresholds:
-    return Thresholds(control_pct=settings.affiliation_control_pct, influence_pct=settings.affiliation_influence_pct)
 
 
 def _step(relation: Relation, thresholds: Thresholds) -> PathStep:

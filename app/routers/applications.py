@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.apikeys import Caller, Role
-from app.commands import run_idempotent
+from app.commands import run_command
 from app.dependencies import CallerDep, SessionDep, require_roles
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
@@ -28,7 +28,7 @@ from vouchers import notices
 from vouchers.applications import AffiliationChecker, Application, ApplicationNotFound, Issued, new_id
 from vouchers.bases import DOCUMENT_KINDS, EntityId
 from vouchers.catalog import Catalog, publish
-from vouchers.programs import DEFINITIONS_FILE, ProgramCode, load_file
+from vouchers.programs import ProgramCode
 
 router = APIRouter(tags=["applications"], responses=problem_responses(401, 403, 422))
 
@@ -152,8 +152,7 @@ def _checker(request: Request, session: AsyncSession) -> AffiliationChecker:
 async def _ensure_programs_published(request: Request, conn: AsyncConnection) -> None:
     """An application names a published definition: publish now if start-up found no database to publish to."""
     if not request.app.state.programs_published:
-        settings = request.app.state.settings
-        await publish(conn, load_file(settings.programs_file or DEFINITIONS_FILE))
+        await publish(conn, request.app.state.definitions)
         request.app.state.programs_published = True
 
 
@@ -264,12 +263,7 @@ async def approve(
         )
         return status.HTTP_201_CREATED, _issued_out(issued).model_dump(mode="json")
 
-    if key is not None:
-        route = f"POST /v1/applications/{application_id}/approve"
-        return await run_idempotent(session, caller, key, route, body, command)
-    status_code, payload = await command(await session.connection())
-    await session.commit()
-    return JSONResponse(payload, status_code=status_code)
+    return await run_command(session, caller, key, f"POST /v1/applications/{application_id}/approve", body, command)
 
 
 def _issued_out(issued: Issued) -> IssuedOut:

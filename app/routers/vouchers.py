@@ -13,11 +13,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, StringConstraints
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from pydantic import StringConstraints
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.apikeys import Caller, Role
-from app.commands import Command, run_idempotent
+from app.commands import run_command
 from app.dependencies import CallerDep, SessionDep, require_roles
 from app.errors import Forbidden, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
@@ -196,18 +196,7 @@ async def revoke_voucher(
         )
         return 200, _out(voucher).model_dump(mode="json")
 
-    return await _run(session, caller, key, f"POST /v1/vouchers/{voucher_id}/revoke", body, command)
-
-
-async def _run(
-    session: AsyncSession, caller: Caller, key: str | None, route: str, body: BaseModel | None, command: Command
-) -> JSONResponse:
-    """Idempotent when the caller sends an `Idempotency-Key`; otherwise the command's own answer."""
-    if key is not None:
-        return await run_idempotent(session, caller, key, route, body, command)
-    status_code, payload = await command(await session.connection())
-    await session.commit()
-    return JSONResponse(payload, status_code=status_code)
+    return await run_command(session, caller, key, f"POST /v1/vouchers/{voucher_id}/revoke", body, command)
 
 
 @router.get(
@@ -280,4 +269,4 @@ async def reverse_award(
         )
         return 200, out.model_dump(mode="json")
 
-    return await _run(session, caller, key, f"POST /v1/applications/{application_id}/reverse", body, command)
+    return await run_command(session, caller, key, f"POST /v1/applications/{application_id}/reverse", body, command)

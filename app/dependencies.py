@@ -67,7 +67,12 @@ async def current_caller(
     if credentials is None:
         raise Unauthorized()
     authenticator: ApiKeyAuthenticator = request.app.state.api_keys
-    return await authenticator.authenticate(session, credentials.credentials)
+    caller = await authenticator.authenticate(session, credentials.credentials)
+    if session.in_transaction():
+        # a key read from the database (not cached): give its connection back now, so that a route that
+        # takes its own connection from the pool never holds two
+        await session.rollback()
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]

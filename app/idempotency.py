@@ -36,13 +36,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger.service import sqlstate
 
 __all__ = [
+    "IN_PROGRESS",
     "KEY_LENGTH_MAX",
+    "KEY_REUSED",
     "WAIT_S",
     "IdempotencyKeyHeader",
     "IdempotencyKeyReused",
     "RequestInProgress",
     "Stored",
     "remember",
+    "remember_unless_answered",
     "replay_or_none",
     "request_hash",
     "response",
@@ -51,6 +54,8 @@ __all__ = [
 KEY_LENGTH_MAX = 255  # the idempotency_record CHECK
 WAIT_S = 10  # how long a duplicate waits for the first request (API.md)
 _LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
+KEY_REUSED = "this Idempotency-Key was already used for a different request; use a new key for a new request"
+IN_PROGRESS = f"a request with this Idempotency-Key is still running after {WAIT_S} s; retry later"
 _PROBLEM_MEDIA_TYPE = "application/problem+json"  # app.errors.PROBLEM_MEDIA_TYPE (not imported: see above)
 
 IdempotencyKeyHeader = Annotated[
@@ -112,9 +117,7 @@ async def replay_or_none(
         )
     except DBAPIError as exc:
         if sqlstate(exc) == _LOCK_NOT_AVAILABLE:
-            raise RequestInProgress(
-                f"a request with this Idempotency-Key is still running after {WAIT_S} s; retry later"
-            ) from exc
+            raise RequestInProgress(IN_PROGRESS) from exc
         raise
     await conn.execute(text("SET LOCAL lock_timeout = DEFAULT"))
     # a statement of its own, after the lock: under READ COMMITTED it sees what the first request committed
@@ -130,9 +133,7 @@ async def replay_or_none(
     if row is None:
         return None
     if row.route != route or bytes(row.request_hash) != request_hash:
-        raise IdempotencyKeyReused(
-            "this Idempotency-Key was already used for a different request; use a new key for a new request"
-        )
+        raise IdempotencyKeyReused(KEY_REUSED)
     body: dict[str, Any] = json.loads(row.response)
     return Stored(int(row.status_code), body)
 
@@ -164,6 +165,53 @@ async def remember(
             "body": json.dumps(body, ensure_ascii=False),
         },
     )
+
+
+async def remember_unless_answered(
+    conn: AsyncConnection,
+    *,
+    caller_key_id: str,
+    key: str,
+    route: str,
+    request_hash: bytes,
+    status_code: int,
+    body: dict[str, Any],
+) -> Stored:
+    """Store an answer that wrote nothing (a refusal) in a transaction of its own, unless the key has one
+    already: a concurrent request with the same key may have stored its answer first, and then that one is
+    the key's answer, for this request too. `conn` must not be in a transaction; it is committed."""
+    assert 400 <= status_code < 500, "only a refusal is stored after the fact"
+    inserted = await conn.scalar(
+        text(
+            "INSERT INTO idempotency_record (caller_key_id, idempotency_key, route, request_hash, status_code, "
+            "response) VALUES (:caller, :key, :route, :hash, :status, CAST(:body AS jsonb)) "
+            "ON CONFLICT (caller_key_id, idempotency_key) DO NOTHING RETURNING status_code"
+        ),
+        {
+            "caller": caller_key_id,
+            "key": key,
+            "route": route,
+            "hash": request_hash,
+            "status": status_code,
+            "body": json.dumps(body, ensure_ascii=False),
+        },
+    )
+    if inserted is not None:
+        await conn.commit()
+        return Stored(status_code, body)
+    row = (
+        await conn.execute(
+            text(
+                "SELECT route, request_hash, status_code, response::text AS response FROM idempotency_record "
+                "WHERE caller_key_id = :caller AND idempotency_key = :key"
+            ),
+            {"caller": caller_key_id, "key": key},
+        )
+    ).one()
+    await conn.commit()
+    if row.route != route or bytes(row.request_hash) != request_hash:
+        raise IdempotencyKeyReused(KEY_REUSED)
+    return Stored(int(row.status_code), json.loads(row.response))
 
 
 def response(stored: Stored) -> JSONResponse:

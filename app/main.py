@@ -40,6 +40,7 @@ from ledger.service import Ledger
 from vouchers import catalog, keys
 from vouchers.catalog import Catalog
 from vouchers.programs import DEFINITIONS_FILE, load_file
+from vouchers.redemption import RedeemableCache
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ledger = Ledger(on_sealed=lambda kind: LEDGER_ENTRIES_POSTED.labels(kind=kind).inc())
         app.state.catalog = await _publish_programs(app, engine, settings)
         app.state.keyring = await _load_keyring(engine, settings)
+        app.state.redeemables = RedeemableCache()  # verified tokens with their vouchers' fixed terms
         if settings.background_tasks:
             background = asyncio.create_task(
                 run_background(engine, app.state.ledger, settings, policy_work=lambda: policy_pass(app.state)),

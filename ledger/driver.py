@@ -30,3 +30,17 @@ async def fetchrow(conn: AsyncConnection, sql: str, *args: Any) -> Any:
             await adapter._start_transaction()
     async with adapter._execute_mutex:
         return await adapter._connection.fetchrow(sql, *args)
+
+
+async def fetchrow_alone(conn: AsyncConnection, sql: str, *args: Any) -> Any:
+    """Run `sql` as a transaction of its own (PostgreSQL's implicit one: no BEGIN, no COMMIT, one round
+    trip) on the connection under `conn`, which must not be in a transaction; the first row, as an asyncpg
+    Record. For a command written as one database function: it commits when the statement returns, or
+    nothing of it does."""
+    if conn.in_transaction():
+        raise RuntimeError("fetchrow_alone runs a statement as its own transaction: end the open one first")
+    raw = await conn.get_raw_connection()
+    adapter: Any = raw.dbapi_connection
+    assert adapter._transaction is None, "the connection's driver holds a transaction SQLAlchemy does not know"
+    async with adapter._execute_mutex:
+        return await adapter._connection.fetchrow(sql, *args)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -488,3 +489,155 @@ async def test_a_clawback_after_expiry_returns_to_the_budget(
     assert (state["status"], state["redeemed_fen"], state["available_fen"]) == ("expired", 0, 0)
     async with engine.connect() as conn:
         assert await Ledger().verify_cached_balances(conn) == []
+
+
+# -- the one-round-trip path (voucher_redeem, migration 0011) ---------------------------------------------
+
+
+async def test_the_answer_built_by_the_database_is_the_redemption_as_read(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    voucher, holder = await compute_voucher(client, admin, engine, 600_000)
+    provider = await create_entity(engine, kind="provider")
+    key = bearer(await create_key(engine, Role.PROVIDER, entity_id=provider))
+    body = {
+        "token": await token_for(client, admin, voucher),
+        "invoice_no": "  DB-1  ",
+        "lines": compute_lines(300, other_yuan=7),
+    }
+    created = await client.post("/v1/redemptions", headers={**key, "Idempotency-Key": "db-1"}, json=body)
+    assert created.status_code == 201, created.text
+    assert created.headers["content-type"] == "application/json"
+    read = await client.get(f"/v1/redemptions/{created.json()['id']}", headers=key)
+    assert read.status_code == 200, read.text
+    assert created.json() == read.json()
+    assert created.json()["invoice_no"] == "DB-1" and created.json()["voucher_id"] == voucher
+    replayed = await client.post("/v1/redemptions", headers={**key, "Idempotency-Key": "db-1"}, json=body)
+    assert replayed.status_code == 201 and replayed.json() == created.json()
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT e.memo, e.metadata::text AS metadata, r.jti FROM redemption r "
+                    "JOIN ledger_entry e ON e.id = r.entry_id WHERE r.id = :id"
+                ),
+                {"id": created.json()["id"]},
+            )
+        ).one()
+    assert row.memo.startswith(f"compute.purchase: redemption {created.json()['id']} of voucher {voucher}")
+    assert holder not in row.metadata and provider in row.metadata
+
+
+async def test_timestamps_written_by_the_database_read_as_pydantic_writes_them(engine: AsyncEngine) -> None:
+    from datetime import UTC, datetime
+
+    from pydantic import TypeAdapter
+
+    moments = [
+        datetime(2027, 1, 1, tzinfo=UTC),
+        datetime(2027, 3, 4, 5, 6, 7, 1, tzinfo=UTC),
+        datetime(2027, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(2027, 6, 1, 12, 0, 0, 120_000, tzinfo=UTC),
+    ]
+    adapter = TypeAdapter(datetime)
+    async with engine.connect() as conn:
+        for moment in moments:
+            written = await conn.scalar(text("SELECT vl_json_time(:t)"), {"t": moment})
+            assert written == adapter.dump_python(moment, mode="json"), moment
+
+
+async def test_a_relation_recorded_by_another_process_is_seen_by_a_cached_graph(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    """The graph cached by the first redemption is not trusted blindly: a relation recorded elsewhere (here
+    straight through the domain layer, so this process's cache is not told) moves the registry version,
+    and the next redemption sees it."""
+    from datetime import date
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from vouchers.affiliations import NewAffiliation, record_affiliation
+
+    voucher, holder = await compute_voucher(client, admin, engine, 600_000)
+    provider = await create_entity(engine, kind="provider")
+    key = bearer(await create_key(engine, Role.PROVIDER, entity_id=provider))
+    token = await token_for(client, admin, voucher)
+    first = await client.post(
+        "/v1/redemptions",
+        headers={**key, "Idempotency-Key": "g-1"},
+        json={"token": token, "invoice_no": "G-1", "lines": compute_lines(10)},
+    )
+    assert first.status_code == 201, first.text
+    async with AsyncSession(engine) as session:
+        await record_affiliation(session, NewAffiliation(holder, provider, "control", date(2020, 1, 1)))
+        await session.commit()
+    refused = await client.post(
+        "/v1/redemptions",
+        headers={**key, "Idempotency-Key": "g-2"},
+        json={"token": token, "invoice_no": "G-2", "lines": compute_lines(10)},
+    )
+    assert_problem(refused, 403, "affiliated_party")
+    assert refused.json()["errors"][0]["path"][0]["to_entity_id"] == provider
+
+
+async def test_one_invoice_under_many_keys_at_once_is_redeemed_once(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
+    provider = await create_entity(engine, kind="provider")
+    key = bearer(await create_key(engine, Role.PROVIDER, entity_id=provider))
+    token = await token_for(client, admin, voucher)
+    results = await asyncio.gather(
+        *(
+            client.post(
+                "/v1/redemptions",
+                headers={**key, "Idempotency-Key": f"twin-{i}"},
+                json={"token": token, "invoice_no": "TWIN-1", "lines": compute_lines(10)},
+            )
+            for i in range(16)
+        )
+    )
+    assert sorted(r.status_code for r in results) == [201] + [409] * 15, [r.text for r in results][:3]
+    assert {r.json()["code"] for r in results if r.status_code == 409} == {"conflict"}
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM redemption WHERE voucher_id = :v"), {"v": voucher}) == 1
+    # each refusal is that key's answer from now on
+    again = await client.post(
+        "/v1/redemptions",
+        headers={**key, "Idempotency-Key": next(f"twin-{i}" for i, r in enumerate(results) if r.status_code == 409)},
+        json={"token": token, "invoice_no": "TWIN-1", "lines": compute_lines(10)},
+    )
+    assert_problem(again, 409, "conflict")
+
+
+async def test_a_refusal_found_before_the_database_is_stored_and_replayed(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    """A narrowed token at the wrong provider is refused in Python, before the database is asked; the
+    refusal is still the key's answer, and a success stored first under a key is never overwritten by one."""
+    voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
+    provider, other = await create_entity(engine, kind="provider"), await create_entity(engine, kind="provider")
+    key = bearer(await create_key(engine, Role.PROVIDER, entity_id=provider))
+    other_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=other))
+    narrowed = await token_for(client, admin, voucher, provider_entity_id=provider)
+    body = {"token": narrowed, "invoice_no": "W-1", "lines": compute_lines(10)}
+    refused = await client.post("/v1/redemptions", headers={**other_key, "Idempotency-Key": "w-1"}, json=body)
+    assert_problem(refused, 403, "wrong_provider")
+    again = await client.post("/v1/redemptions", headers={**other_key, "Idempotency-Key": "w-1"}, json=body)
+    assert again.status_code == 403 and again.json() == refused.json()
+    paid = await client.post("/v1/redemptions", headers={**key, "Idempotency-Key": "w-2"}, json=body)
+    assert paid.status_code == 201, paid.text
+    jti = jwt.decode(narrowed, options={"verify_signature": False})["jti"]
+    async with engine.connect() as conn:
+        await conn.execute(text("UPDATE voucher_token SET revoked_at = now() WHERE jti = :j"), {"j": jti})
+        await conn.commit()
+    # the first answer stands for its key; a new request with the revoked token is refused
+    replayed = await client.post("/v1/redemptions", headers={**key, "Idempotency-Key": "w-2"}, json=body)
+    assert replayed.status_code == 201 and replayed.json() == paid.json()
+    assert_problem(
+        await client.post(
+            "/v1/redemptions", headers={**key, "Idempotency-Key": "w-3"}, json={**body, "invoice_no": "W-3"}
+        ),
+        401,
+        "invalid_token",
+    )

@@ -30,7 +30,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import and_, column, or_, select, table, text, tuple_
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from vouchers.affiliation_graph import (
     KINDS,
@@ -325,6 +325,7 @@ _PROBE = text(
     "SELECT version, EXISTS (SELECT FROM entity WHERE id = :a) AS a_known, "
     "EXISTS (SELECT FROM entity WHERE id = :b) AS b_known FROM affiliation_registry"
 )
+_VERSION = text("SELECT version FROM affiliation_registry")
 # One round trip, one snapshot: the version read is exactly the state of the relations returned. Days are
 # proleptic ordinals (PostgreSQL's calendar is proleptic Gregorian, like Python's).
 _LOAD = text(
@@ -376,7 +377,10 @@ class _GraphCache:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
 
-    async def graph(self, session: AsyncSession, version: int, thresholds: Thresholds) -> AffiliationGraph:
+    async def graph(
+        self, session: AsyncSession | AsyncConnection, version: int, thresholds: Thresholds
+    ) -> tuple[int, AffiliationGraph]:
+        """The graph at `version` or newer, with the version it was built from."""
         snapshot = self.snapshot
         if snapshot is None or snapshot.version != version:
             async with self._loop_lock():
@@ -395,14 +399,20 @@ class _GraphCache:
                     if len(snapshot.graphs) >= _GRAPHS_PER_SNAPSHOT_MAX:
                         snapshot.graphs.clear()
                     snapshot.graphs[thresholds] = graph
-        return graph
+        return snapshot.version, graph
+
+    def cached(self, thresholds: Thresholds) -> tuple[int, AffiliationGraph] | None:
+        snapshot = self.snapshot
+        graph = None if snapshot is None else snapshot.graphs.get(thresholds)
+        return None if snapshot is None or graph is None else (snapshot.version, graph)
 
 
 _CACHES: dict[str, _GraphCache] = {}
 
 
-def _cache_of(session: AsyncSession) -> _GraphCache:
-    key = session.get_bind().engine.url.render_as_string(hide_password=True)
+def _cache_of(session: AsyncSession | AsyncConnection) -> _GraphCache:
+    bind = session.engine if isinstance(session, AsyncConnection) else session.get_bind().engine
+    key = bind.url.render_as_string(hide_password=True)
     cache = _CACHES.get(key)
     if cache is None:
         cache = _CACHES[key] = _GraphCache()
@@ -426,5 +436,22 @@ async def check_affiliation(session: AsyncSession, a: str, b: str, on: date, thr
     for entity_id, known in ((a, probe.a_known), (b, probe.b_known)):
         if not known:
             raise UnknownEntity(entity_id)
-    graph = await _cache_of(session).graph(session, probe.version, thresholds)
+    _version, graph = await _cache_of(session).graph(session, probe.version, thresholds)
     return graph.check(a, b, on)
+
+
+async def check_affiliation_at(
+    conn: AsyncConnection, a: str, b: str, on: date, thresholds: Thresholds, *, reload: bool = False
+) -> tuple[int, Affiliation]:
+    """`check_affiliation` against this process's cached graph, with no query when one is loaded (and
+    not `reload`), and the registry version that graph was built from: the caller must confirm, in the
+    transaction that acts on the answer, that the registry is still at that version (or check again with
+    `reload`). Both parties must be known entities (the caller knows them from rows that reference them).
+    A load runs on `conn` and leaves its transaction open."""
+    cache = _cache_of(conn)
+    found = None if reload else cache.cached(thresholds)
+    if found is None:
+        current = int(await conn.scalar(_VERSION))
+        found = await cache.graph(conn, current, thresholds)
+    version, graph = found
+    return version, graph.check(a, b, on)

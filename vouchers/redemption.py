@@ -9,22 +9,31 @@ one before it left (partial redemption, then `voucher_exhausted`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ledger.postings import credit, debit
+from ledger import driver
+from ledger.postings import check_memo_and_metadata, credit, debit
 from ledger.service import Ledger
+from vouchers.affiliation_graph import Thresholds
+from vouchers.affiliations import check_affiliation_at
 from vouchers.applications import AffiliationChecker, new_id
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
 from vouchers.errors import VoucherError
+from vouchers.keys import KeyRing
+from vouchers.programs import ProgramDefinition
 from vouchers.rules import SHANGHAI, share_of
+from vouchers.tokens import InvalidToken, VerifiedToken, WrongProvider, verify_token
 from vouchers.vouchers import VoucherExpired, VoucherNotFound, VoucherRevoked, voucher_account
 
 
@@ -600,3 +609,263 @@ async def void_hold(
         text("UPDATE subsidy_hold SET status = 'voided', resolved_at = now() WHERE id = :id"), {"id": hold_id}
     )
     return await get_hold(conn, hold_id, now=now)
+
+
+# -- a redemption in one round trip ----------------------------------------------------------------------
+#
+# `redeem` above takes about a dozen statements; `POST /v1/redemptions` instead asks the database once,
+# through `voucher_redeem` (migration 0011), which checks and writes in the same order under the same
+# locks. What needs no database is decided here first, from what cannot change while a token lives: its
+# verified claims and its voucher's terms (program, year, holder, named vendor, rate). Whatever can change
+# (the token's revocation, the voucher's status and balance, the token's spending, the affiliation
+# registry, the invoice) the function reads under its locks.
+
+REDEEMABLE_CACHE_SIZE_MAX = 100_000
+_ATTEMPTS_MAX = 3  # a stale affiliation graph or a concurrent twin invoice: look again, twice at most
+_INVOICE_ONCE = "redemption_invoice_once"
+_UNIQUE_VIOLATION = "23505"
+
+
+@dataclass(frozen=True, slots=True)
+class Redeemable:
+    """A token whose signature, claims and row agreed, with its voucher's fixed terms."""
+
+    token: VerifiedToken
+    program: str
+    year: int
+    vendor_entity_id: str | None
+    rate_bp: int
+    exp_s: float
+
+
+class RedeemableCache:
+    """Redeemables by SHA-256 of their token, until the token's `exp`; bounded, oldest out first. What a
+    cached token may do is still checked by the database on every use (revocation, spending, balance)."""
+
+    def __init__(self, size_max: int = REDEEMABLE_CACHE_SIZE_MAX) -> None:
+        self._size_max = size_max
+        self._entries: OrderedDict[bytes, Redeemable] = OrderedDict()
+
+    def get(self, digest: bytes, now_s: float) -> Redeemable | None:
+        found = self._entries.get(digest)
+        if found is not None and found.exp_s <= now_s:
+            del self._entries[digest]
+            return None
+        return found
+
+    def put(self, digest: bytes, redeemable: Redeemable) -> None:
+        while len(self._entries) >= self._size_max:
+            self._entries.popitem(last=False)
+        self._entries[digest] = redeemable
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Outcome(NamedTuple):
+    """What the database answered: an answer to send (`answer`, with the stored or new JSON body), or
+    that the key was used for another request, or that its first request is still running."""
+
+    kind: Literal["answer", "key_reused", "in_progress"]
+    status_code: int = 0
+    body: str = ""
+
+
+async def _redeemable(
+    conn: AsyncConnection, keyring: KeyRing, cache: RedeemableCache, token: str, provider: str, now: datetime
+) -> Redeemable:
+    """The token's redeemable terms: from the cache, or verified in full (signature, claims, row) and read
+    with its voucher's terms. A read leaves `conn` in a transaction (the caller ends it)."""
+    now_s = now.timestamp()
+    digest = hashlib.sha256(token.encode()).digest()
+    found = cache.get(digest, now_s)
+    if found is None:
+        verified = await verify_token(conn, keyring, token, caller_entity_id=provider, now=now)
+        row = (
+            await conn.execute(
+                text("SELECT program, year, vendor_entity_id, redemption_rate_bp FROM voucher WHERE id = :id"),
+                {"id": verified.voucher_id},
+            )
+        ).one()
+        found = Redeemable(
+            verified,
+            row.program,
+            int(row.year),
+            row.vendor_entity_id,
+            int(row.redemption_rate_bp),
+            verified.expires_at.timestamp(),
+        )
+        cache.put(digest, found)
+    elif found.token.audience_entity_id is not None and found.token.audience_entity_id != provider:
+        raise WrongProvider("this token is narrowed to another provider")
+    return found
+
+
+async def _policy_refusal(
+    conn: AsyncConnection,
+    program: ProgramDefinition,
+    terms: Redeemable,
+    provider: str,
+    owed: _Subsidy,
+    invoice_no: str,
+    thresholds: Thresholds,
+    now: datetime,
+    *,
+    reload: bool,
+) -> tuple[VoucherError | None, int | None]:
+    """What the program's rules refuse (named vendor, affiliation, nothing eligible), and the affiliation
+    registry version the answer rests on (None when the program does not ask)."""
+    assert program.redemption is not None, f"{program.code} vouchers are redeemed"
+    voucher_id, holder = terms.token.voucher_id, terms.token.holder_entity_id
+    if program.redemption.named_vendor_only and terms.vendor_entity_id != provider:
+        # art. 11 ¶2: only the vendor named on the application supplies the first purchase
+        return NotTheVendor(f"voucher {voucher_id} is redeemed only by {terms.vendor_entity_id}"), None
+    version = None
+    if program.redemption.non_affiliated:
+        on: date = now.astimezone(SHANGHAI).date()
+        version, answer = await check_affiliation_at(conn, holder, provider, on, thresholds, reload=reload)
+        if answer.affiliated:
+            path = [
+                {
+                    "id": r.id,
+                    "from_entity_id": r.from_entity_id,
+                    "to_entity_id": r.to_entity_id,
+                    "kind": r.kind,
+                    "equity_pct": None if r.equity_pct is None else f"{r.equity_pct:.2f}",
+                }
+                for r in answer.path
+            ]
+            detail = f"provider {provider} is affiliated with the holder {holder} on {on} (arts. 8, 9)"
+            return AffiliatedParty(detail, path), version
+    if owed.subsidy_fen == 0:
+        return NothingEligible(f"no line of invoice {invoice_no} is paid by {program.code}"), version
+    return None, version
+
+
+_REDEEM = """
+    SELECT outcome, status_code, body, detail
+      FROM voucher_redeem($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::jsonb,
+                          $19::jsonb, $20, $21::jsonb, $22::jsonb)
+"""
+
+
+async def redeem_at_once(
+    conn: AsyncConnection,
+    *,
+    keyring: KeyRing,
+    catalog: Catalog,
+    thresholds: Thresholds,
+    cache: RedeemableCache,
+    caller_key_id: str,
+    idempotency_key: str,
+    route: str,
+    request_hash: bytes,
+    token: str,
+    provider_entity_id: str,
+    invoice_no: str,
+    lines: Sequence[Line],
+    now: datetime,
+) -> Outcome:
+    """`redeem`, answering the idempotency key, in one database round trip when the token and the
+    affiliation graph are cached (a first use reads them first). Created and replayed answers are stored by
+    the database; a refusal is raised (a `VoucherError`), and the caller stores it under the key.
+
+    `conn` must not be in a transaction: the function's statement is its own."""
+    terms = await _redeemable(conn, keyring, cache, token, provider_entity_id, now)
+    program = catalog.for_year(terms.program, terms.year)
+    owed = _subsidy(program, terms.rate_bp, lines)
+    voucher_id, jti = terms.token.voucher_id, terms.token.jti
+    redemption_id = new_id("rdm_")
+    memo = f"{program.code}: redemption {redemption_id} of voucher {voucher_id}, invoice {invoice_no}"
+    metadata = {"voucher": voucher_id, "provider": provider_entity_id, "invoice": invoice_no}
+    check_memo_and_metadata(memo, metadata)
+    line_documents = [_line(line) for line in lines]
+    response = {
+        "id": redemption_id,
+        "voucher_id": voucher_id,
+        "provider_entity_id": provider_entity_id,
+        "invoice_no": invoice_no,
+        "eligible_fen": owed.eligible_fen,
+        "excluded": owed.excluded,
+        "lines": line_documents,
+        "refunded_fen": 0,
+        "reversed_at": None,
+        "hold_id": None,
+    }
+    for attempt in range(1, _ATTEMPTS_MAX + 1):
+        refusal, version = await _policy_refusal(
+            conn, program, terms, provider_entity_id, owed, invoice_no, thresholds, now, reload=attempt > 1
+        )
+        if conn.in_transaction():
+            await conn.commit()  # the reads above: the function's statement must be a transaction of its own
+        try:
+            row = await driver.fetchrow_alone(
+                conn,
+                _REDEEM,
+                caller_key_id,
+                idempotency_key,
+                route,
+                request_hash,
+                jti,
+                terms.token.max_amount_fen is not None,
+                voucher_id,
+                voucher_account(voucher_id),
+                payable_account(provider_entity_id),
+                provider_entity_id,
+                invoice_no,
+                refusal is not None,
+                version,
+                owed.subsidy_fen,
+                sum(line.amount_fen for line in lines),
+                owed.eligible_fen,
+                redemption_id,
+                json.dumps(line_documents, ensure_ascii=False),
+                json.dumps(owed.excluded, ensure_ascii=False),
+                memo,
+                json.dumps(metadata, sort_keys=True, ensure_ascii=False),
+                json.dumps(response, ensure_ascii=False),
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == _INVOICE_ONCE and attempt < _ATTEMPTS_MAX:
+                continue  # a twin invoice with another key committed first: the next call says so
+            raise
+        outcome: str = row["outcome"]
+        if outcome in ("created", "replayed"):
+            return Outcome("answer", int(row["status_code"]), row["body"])
+        if outcome == "stale_affiliations" and attempt < _ATTEMPTS_MAX:
+            continue
+        if outcome == "key_reused":
+            return Outcome("key_reused")
+        if outcome == "in_progress":
+            return Outcome("in_progress")
+        raise _refusal(outcome, row["detail"], refusal, terms, invoice_no, provider_entity_id)
+    raise AssertionError("unreachable: the last attempt answers or raises")
+
+
+def _refusal(
+    outcome: str,
+    detail: str | None,
+    policy: VoucherError | None,
+    terms: Redeemable,
+    invoice_no: str,
+    provider: str,
+) -> VoucherError:
+    voucher_id, jti = terms.token.voucher_id, terms.token.jti
+    if outcome == "refused" and policy is not None:
+        return policy
+    if outcome == "token_revoked":
+        return InvalidToken("the token has been revoked")
+    if outcome == "voucher_not_found":
+        return VoucherNotFound(f"no voucher {voucher_id}")
+    if outcome == "voucher_revoked":
+        return VoucherRevoked(f"voucher {voucher_id} was revoked")
+    if outcome == "voucher_expired":
+        return VoucherExpired(f"voucher {voucher_id} expired at {detail}")
+    if outcome == "token_limit_reached":
+        return TokenLimitReached(f"token {jti} has spent its {terms.token.max_amount_fen} fen")
+    if outcome == "voucher_exhausted":
+        return VoucherExhausted(f"voucher {voucher_id} has nothing left")
+    if outcome == "invoice_redeemed":
+        return InvoiceAlreadyRedeemed(f"invoice {invoice_no} was already redeemed at {provider}")
+    # `stale_affiliations` three times running: the registry changes faster than it can be read
+    raise RuntimeError(f"voucher_redeem answered {outcome!r}")

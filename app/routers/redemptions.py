@@ -13,17 +13,18 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field, StringConstraints
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app import idempotency
 from app.apikeys import Caller, Role
 from app.commands import run_idempotent
 from app.dependencies import SessionDep, require_roles
-from app.errors import Forbidden, problem_responses
+from app.errors import PROBLEM_MEDIA_TYPE, Forbidden, domain_problem, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
-from app.policy_tasks import affiliation_checker
+from app.policy_tasks import affiliation_checker, thresholds_of
 from app.schemas import PositiveFen, RequestModel, ResponseModel
 from vouchers import redemption as service
 from vouchers.redemption import HOLD_DEFAULT_S, HOLD_MAX_S, Hold, Line, Presented, Redemption
@@ -41,6 +42,7 @@ IdempotencyKey = Annotated[
 RedemptionId = Annotated[str, Path(pattern=r"^rdm_[a-z0-9]{24}$")]
 HoldId = Annotated[str, Path(pattern=r"^hld_[a-z0-9]{24}$")]
 _CURSOR: Cursor[tuple[datetime, str]] = Cursor(tuple[datetime, str])
+REDEEM_ROUTE = "POST /v1/redemptions"
 _PROGRAM_OF = text("SELECT program, year FROM voucher WHERE id = :v")
 Token = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 InvoiceNo = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
@@ -142,26 +144,54 @@ def _lines(lines: list[LineIn]) -> list[Line]:
     responses=problem_responses(404, 409),
     response_model=RedemptionOut,
 )
-async def redeem(
-    request: Request, body: RedemptionIn, session: SessionDep, caller: Provider, key: IdempotencyKey
-) -> JSONResponse:
-    async def command(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
-        assert caller.entity_id is not None
-        presented = await _presented(request, conn, body.token, caller)
-        redemption = await service.redeem(
-            conn,
-            request.app.state.ledger,
-            request.app.state.catalog,
-            affiliation_checker(request.app.state.settings, session),
-            presented,
-            provider_entity_id=caller.entity_id,
-            invoice_no=body.invoice_no,
-            lines=_lines(body.lines),
-            now=datetime.now(UTC),
-        )
-        return 201, _redemption_out(redemption)
-
-    return await run_idempotent(session, caller, key, "POST /v1/redemptions", body, command)
+async def redeem(request: Request, body: RedemptionIn, caller: Provider, key: IdempotencyKey) -> Response:
+    """One database round trip when the token and the affiliation graph are cached (`voucher_redeem`,
+    migration 0011): the answer, created or stored, comes back as the JSON the database stored. A refusal
+    writes nothing; its problem document is stored under the key afterwards, unless a concurrent twin's
+    answer was stored first, which is then the answer."""
+    assert caller.entity_id is not None
+    state = request.app.state
+    fingerprint = idempotency.request_hash(REDEEM_ROUTE, body.model_dump(mode="json"))
+    async with state.engine.connect() as conn:
+        try:
+            outcome = await service.redeem_at_once(
+                conn,
+                keyring=state.keyring,
+                catalog=state.catalog,
+                thresholds=thresholds_of(state.settings),
+                cache=state.redeemables,
+                caller_key_id=caller.key_id,
+                idempotency_key=key,
+                route=REDEEM_ROUTE,
+                request_hash=fingerprint,
+                token=body.token,
+                provider_entity_id=caller.entity_id,
+                invoice_no=body.invoice_no,
+                lines=_lines(body.lines),
+                now=datetime.now(UTC),
+            )
+        except Exception as exc:
+            answer = domain_problem(exc)
+            if answer is None or answer[0] >= 500:
+                raise
+            if conn.in_transaction():
+                await conn.rollback()
+            stored = await idempotency.remember_unless_answered(
+                conn,
+                caller_key_id=caller.key_id,
+                key=key,
+                route=REDEEM_ROUTE,
+                request_hash=fingerprint,
+                status_code=answer[0],
+                body=answer[1],
+            )
+            return idempotency.response(stored)
+    if outcome.kind == "key_reused":
+        raise idempotency.IdempotencyKeyReused(idempotency.KEY_REUSED)
+    if outcome.kind == "in_progress":
+        raise idempotency.RequestInProgress(idempotency.IN_PROGRESS)
+    media_type = "application/json" if outcome.status_code < 400 else PROBLEM_MEDIA_TYPE
+    return Response(outcome.body, status_code=outcome.status_code, media_type=media_type)
 
 
 @router.post(

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -85,7 +86,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             url, server = start_embedded(settings.data_dir)
             # the app (in this process or in uvicorn's workers) reads it and joins the same server
             os.environ["DATABASE_URL"] = url
-            get_settings.cache_clear()
+        # every worker enforces 1/N of each key's rate (app/ratelimit.py): N is this, not a guess
+        os.environ["VL_WORKERS"] = str(args.workers)
+        get_settings.cache_clear()
         migrate.upgrade(url)
         if args.workers > 1:
             metrics_dir = tempfile.mkdtemp(prefix="voucher-ledger-metrics-")
@@ -333,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         for error in exc.errors():
             _error(f"setting {'.'.join(str(p) for p in error['loc'])}: {error['msg']}")
+        return 2
+    except SettingsError as exc:  # a JSON setting (VL_RATE_LIMITS) that is not JSON
+        _error(f"{exc}: {exc.__cause__ or 'not valid'}")
         return 2
     if settings.database_url is not None and not settings.database_url.startswith("postgresql+asyncpg://"):
         _error("DATABASE_URL must be a postgresql+asyncpg://user:password@host:port/database URL")

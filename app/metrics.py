@@ -42,6 +42,10 @@ LEDGER_ENTRIES_POSTED = Counter(
     "vl_ledger_entries_posted_total", "Ledger entries committed and sealed into the hash chain, by entry kind", ["kind"]
 )
 
+RATE_LIMITED = Counter(
+    "vl_rate_limited_total", "Requests refused 429 rate_limited, by bucket and the role of the key", ["bucket", "role"]
+)
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
 

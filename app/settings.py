@@ -9,9 +9,38 @@ from datetime import date
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The roles of app/apikeys.py (tests/test_rate_limits.py checks the two agree; this module imports nothing
+# of the app) and the rate-limited kinds of request (app/ratelimit.py).
+RateRole = Literal["admin", "enterprise", "provider", "auditor"]
+RateBucket = Literal["redemption", "export"]
+RATE_ROLES: tuple[RateRole, ...] = ("admin", "enterprise", "provider", "auditor")
+RATE_BUCKETS: tuple[RateBucket, ...] = ("redemption", "export")
+
+
+class RateRule(BaseModel):
+    """One key's allowance in one bucket: `rate_per_s` requests a second sustained, `burst` at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate_per_s: float = Field(gt=0, le=1_000_000, allow_inf_nan=False)
+    burst: int = Field(ge=1, le=1_000_000)
+
+
+# app/ratelimit.py explains these figures: a provider key is never throttled below 10,000 redemptions/s
+# (API.md promises 5,000), while a journal export, seconds to minutes of a connection and a core, is
+# held to 6 a minute per key with a burst of 5.
+RATE_LIMITS_DEFAULT: dict[RateRole, dict[RateBucket, RateRule]] = {
+    role: {
+        "redemption": RateRule(rate_per_s=10_000, burst=10_000),
+        "export": RateRule(rate_per_s=0.1, burst=5),
+    }
+    for role in RATE_ROLES
+}
 
 
 class Settings(BaseSettings):
@@ -49,6 +78,25 @@ class Settings(BaseSettings):
     key_encryption_key: SecretStr | None = Field(default=None, repr=False)
     token_issuer: str = Field(default="voucher-ledger", min_length=1, max_length=200)
     token_ttl_s: int = Field(default=86_400, ge=60, le=366 * 86_400, description="default token lifetime")
+    # per-key rate limits (app/ratelimit.py), JSON in the environment, e.g.
+    # VL_RATE_LIMITS='{"provider": {"redemption": {"rate_per_s": 20000, "burst": 20000}}}': what it names
+    # replaces the default of that role and bucket, the rest keep theirs
+    rate_limits: dict[RateRole, dict[RateBucket, RateRule]] = Field(
+        default_factory=lambda: {role: dict(rules) for role, rules in RATE_LIMITS_DEFAULT.items()},
+        description="per role, per bucket: {rate_per_s, burst}; merged over the defaults",
+    )
+    # the worker processes serving one listening socket: each enforces 1/workers of every rate, so a key's
+    # limit holds for the whole service (`voucher-ledger serve --workers N` sets it for its workers)
+    workers: int = Field(default=1, ge=1, le=256)
+    # the largest stretch of the hash chain one journal export may cover (app/routers/exports.py)
+    export_entries_max: int = Field(default=5_000_000, ge=1, le=1_000_000_000)
+
+    @field_validator("rate_limits", mode="after")
+    @classmethod
+    def _over_defaults(
+        cls, value: dict[RateRole, dict[RateBucket, RateRule]]
+    ) -> dict[RateRole, dict[RateBucket, RateRule]]:
+        return {role: {**RATE_LIMITS_DEFAULT[role], **value.get(role, {})} for role in RATE_ROLES}
 
 
 @lru_cache

@@ -11,6 +11,21 @@ memory stays flat however long the journal. Serialization is `ledger.export`, wh
   outside the range; in exchange every time-ranged export still links as a chain.
 - `program`, `entity_id` and `account_prefix` select entries out of the chain (the manifest records them
   and says `contiguous: false`): each entry's hash still verifies, its neighbours' links cannot.
+
+Limits, all checked before the first byte is sent (a `422 validation_error` naming the field, a `429
+rate_limited` from app/ratelimit.py), so an export is never cut short by its own parameters:
+
+- `from` and `to` lie between 1970-01-01 and 9999-01-01 UTC, and `from` is before `to`. Outside those
+  years an instant is a typing mistake, and near the ends of Python's calendar it cannot even be converted
+  to UTC.
+- The stretch of the chain a range covers holds at most `VL_EXPORT_ENTRIES_MAX` entries (default
+  5,000,000: about 85 s and 4.6 GB of jsonl, 3 minutes of csv, at the figures of bench/export.py). An
+  export is a single HTTP response: one this long is already hard to retry and to check, and a bigger
+  journal reads better as consecutive ranges, each of which still links as a chain. With filters the
+  stretch is what is scanned, so it is what is bounded. The stretch is found once, before the response
+  starts; the rows are then read in their own snapshot, which holds all of them (the sealed chain only
+  grows at its end).
+- Each key may start `VL_RATE_LIMITS`' `export` allowance (default 6 a minute, a burst of 5).
 """
 
 from __future__ import annotations
@@ -23,15 +38,16 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.dependencies import AdminOrAuditorCaller
+from app.dependencies import AdminOrAuditorCaller, SettingsDep
 from app.errors import ValidationFailed, problem_responses
+from app.ratelimit import ExportRate
 from ledger import chain, export
 from ledger.service import _ENTRY_COLUMNS
 from vouchers.keys import KeyRing
 
-router = APIRouter(prefix="/exports", tags=["exports"], responses=problem_responses(401, 403, 422))
+router = APIRouter(prefix="/exports", tags=["exports"], responses=problem_responses(401, 403, 422, 429))
 
 BATCH_ROWS = 1_000
 MEDIA_TYPES = {
@@ -40,6 +56,9 @@ MEDIA_TYPES = {
     "ledger": "text/plain; charset=utf-8",
 }
 EXTENSIONS = {"jsonl": "jsonl", "csv": "csv", "ledger": "journal"}
+# the instants a range may name: outside, a mistake (and near year 1 or 9999, not convertible to UTC)
+RANGE_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+RANGE_LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 
 # the stretch of the chain a time range selects (without a bound: the chain's own end, by its primary key)
 _FIRST_SEQ = "SELECT min(chain_seq) FROM ledger_seal"
@@ -118,16 +137,29 @@ async def _rows(engine: AsyncEngine, params: dict[str, Any]) -> AsyncIterator[li
         yield [export.entry_record(dict(row._mapping)) for row in batch]
 
 
+async def _stretch(conn: AsyncConnection, from_ts: datetime | None, to_ts: datetime | None) -> tuple[int, int] | None:
+    """The first and last `chain_seq` of the stretch a time range selects; None when it is empty."""
+    lo = await conn.scalar(text(_FIRST_SEQ if from_ts is None else _FIRST_SEQ_FROM), {"at": from_ts})
+    hi = await conn.scalar(text(_LAST_SEQ if to_ts is None else _LAST_SEQ_BEFORE), {"at": to_ts})
+    if lo is None or hi is None or lo > hi:
+        return None
+    return int(lo), int(hi)
+
+
 async def _batches(engine: AsyncEngine, params: dict[str, Any], query: str) -> AsyncIterator[Sequence[Any]]:
+    """`params["stretch"]`, when given, is the route's, found before the response started."""
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="REPEATABLE READ")
         async with conn.begin():
-            from_ts, to_ts = params["from_ts"], params["to_ts"]
-            lo = await conn.scalar(text(_FIRST_SEQ if from_ts is None else _FIRST_SEQ_FROM), {"at": from_ts})
-            hi = await conn.scalar(text(_LAST_SEQ if to_ts is None else _LAST_SEQ_BEFORE), {"at": to_ts})
-            if lo is None or hi is None or lo > hi:
+            if "stretch" in params:
+                stretch = params["stretch"]
+            else:
+                stretch = await _stretch(conn, params["from_ts"], params["to_ts"])
+            if stretch is None:
                 return
-            result = await conn.stream(text(query), {**params, "lo": lo, "hi": hi})
+            lo, hi = stretch
+            binds = {name: value for name, value in params.items() if name != "stretch"}
+            result = await conn.stream(text(query), {**binds, "lo": lo, "hi": hi})
             async for batch in result.partitions(BATCH_ROWS):
                 yield batch
 
@@ -173,10 +205,12 @@ def _body(
     summary="The sealed journal in chain order, streamed: jsonl (signed manifest), csv or an hledger journal",
     response_class=StreamingResponse,
     responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+    dependencies=[ExportRate],
 )
 async def export_journal(
     request: Request,
     _caller: AdminOrAuditorCaller,
+    settings: SettingsDep,
     format: Format = "jsonl",
     from_: Annotated[
         AwareDatetime | None, Query(alias="from", description="RFC 3339 with an offset; default: the first entry")
@@ -186,21 +220,40 @@ async def export_journal(
     entity_id: Code = None,
     account_prefix: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")] = None,
 ) -> StreamingResponse:
+    for name, moment in (("from", from_), ("to", to)):
+        if moment is not None and not RANGE_EARLIEST <= moment <= RANGE_LATEST:
+            raise ValidationFailed(f"{name} must be between 1970-01-01 and 9999-01-01 UTC", loc=("query", name))
     if from_ is not None and to is not None and from_ >= to:
         raise ValidationFailed("from must be before to", loc=("query", "from"))
     engine: AsyncEngine = request.app.state.engine
     sign: Callable[[export.ManifestBuilder], bytes] | None = None
-    if format == "jsonl":
-        # the signing key is read before the first byte: a missing key is an error response, not a cut export
-        keyring: KeyRing = request.app.state.keyring
-        async with engine.begin() as conn:
+    # the stretch, and for jsonl the signing key, are read before the first byte: a range too long or a
+    # missing key is an error response, not a cut export
+    async with engine.begin() as conn:
+        stretch = await _stretch(conn, from_, to)
+        covered = 0 if stretch is None else stretch[1] - stretch[0] + 1
+        if covered > settings.export_entries_max:
+            raise ValidationFailed(
+                f"the range covers {covered:,} entries of the chain, more than the {settings.export_entries_max:,}"
+                " one export may hold: export it as consecutive ranges (from, to)",
+                loc=("query", "to"),
+            )
+        if format == "jsonl":
+            keyring: KeyRing = request.app.state.keyring
             kid, key = await keyring.signer(conn)
 
-        def sign(builder: export.ManifestBuilder) -> bytes:
-            return builder.signed_line(kid, key, datetime.now(UTC))
+            def sign(builder: export.ManifestBuilder) -> bytes:
+                return builder.signed_line(kid, key, datetime.now(UTC))
 
     now = datetime.now(UTC)
-    params = {"from_ts": from_, "to_ts": to, "program": program, "entity": entity_id, "prefix": account_prefix}
+    params = {
+        "from_ts": from_,
+        "to_ts": to,
+        "program": program,
+        "entity": entity_id,
+        "prefix": account_prefix,
+        "stretch": stretch,
+    }
     filename = f"journal-{_stamp(from_, 'start')}-{_stamp(to, now.strftime('%Y%m%dT%H%M%SZ'))}.{EXTENSIONS[format]}"
     return StreamingResponse(
         _body(format, engine, params, sign),

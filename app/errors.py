@@ -3,13 +3,17 @@
 
 Domain errors know nothing of HTTP; `DOMAIN_ERRORS` below is the one table that gives each of them a status
 (and, where the domain class has none, a code). Errors raised by the HTTP shell itself (authentication,
-permissions, lookups) are `ProblemError`s and carry their own status and code. Anything else is a bug: a
-`500 internal_error` with a generic detail, and a log line with the stack trace.
+permissions, lookups) are `ProblemError`s and carry their own status and code. A database that cannot be
+reached or drops the connection (`app.db.connection_lost`: SQLAlchemy's wrappers and raw asyncpg errors
+alike) is `503 service_unavailable` with `Retry-After`, and one warning line (no stack trace, nothing of the
+request) at most every `UNAVAILABLE_LOG_INTERVAL_S` per process. Anything else is a bug: a `500
+internal_error` with a generic detail, and a log line with the stack trace.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -22,6 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db import connection_lost
 from app.idempotency import IdempotencyKeyReused, RequestInProgress
 from ledger import errors as ledger_errors
 from vouchers import applications, notices, redemption
@@ -345,17 +350,73 @@ async def _pool_timeout(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# A client told to come back after this many seconds: a restarting server is back within a few.
+DATABASE_RETRY_AFTER_S = 1
+# While the database is away every request fails the same way: one line per interval says so, with a count.
+UNAVAILABLE_LOG_INTERVAL_S = 5.0
+
+
+def _failure_name(exc: BaseException) -> str:
+    """The innermost error's class and SQLSTATE (never its message, which may quote a statement's values)."""
+    inner: BaseException = exc
+    for _ in range(8):
+        following = getattr(inner, "orig", None) or inner.__cause__
+        if not isinstance(following, BaseException) or following is inner:
+            break
+        inner = following
+    state = getattr(inner, "sqlstate", None)
+    return f"{type(inner).__name__} {state}" if isinstance(state, str) and state else type(inner).__name__
+
+
+class _UnavailableLog:
+    """Logs the first request answered 503 for a lost database at once, then at most one line per interval
+    counting the others, so an outage under load does not flood the log."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def note(self, where: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._suppressed += 1
+            return
+        more = f"; {self._suppressed} more answered so since the last line" if self._suppressed else ""
+        log.warning("database unavailable (%s): %s answered 503%s", _failure_name(exc), where, more)
+        self._suppressed = 0
+        self._next_at = now + self.interval_s
+
+
+_unavailable_log = _UnavailableLog(UNAVAILABLE_LOG_INTERVAL_S)
+
+
+def database_unavailable_response(where: str, exc: BaseException) -> JSONResponse:
+    """`503 service_unavailable` with `Retry-After` for a request that lost the database (`where`: method and
+    route template, for the log line)."""
+    _unavailable_log.note(where, exc)
+    return problem_response(
+        503,
+        "service_unavailable",
+        "the database cannot be reached right now; retry shortly with the same Idempotency-Key",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
 def _internal_error_response() -> JSONResponse:
     return problem_response(500, "internal_error", _GENERIC_DETAILS[500])
 
 
-async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    if connection_lost(exc):
+        return database_unavailable_response(f"{request.method} {request.url.path}", exc)
     log.error("unhandled error", exc_info=exc)
     return _internal_error_response()
 
 
 class UnhandledErrorMiddleware:
-    """Answers an exception no handler took with a generic 500 problem, and logs it.
+    """Answers an exception no handler took: a lost database with a 503 problem (`connection_lost`),
+    anything else with a generic 500 problem, logged with its stack trace.
 
     Starlette's own last-resort handler answers too, but then re-raises to the server, which logs the
     exception a second time; this middleware ends the story here. A response already started cannot be
@@ -382,13 +443,11 @@ class UnhandledErrorMiddleware:
         except Exception as exc:
             if started:
                 raise
-            route = scope.get("route")
-            log.error(
-                "unhandled error in %s %s",
-                scope.get("method"),
-                getattr(route, "path", "unmatched"),
-                exc_info=exc,
-            )
+            where = f"{scope.get('method')} {getattr(scope.get('route'), 'path', 'unmatched')}"
+            if connection_lost(exc):
+                await database_unavailable_response(where, exc)(scope, receive, send)
+                return
+            log.error("unhandled error in %s", where, exc_info=exc)
             await _internal_error_response()(scope, receive, send)
 
 

@@ -1,0 +1,209 @@
+"""Faults: the database dropping connections or going away, and the service killed mid-load.
+
+A lost database is `503 service_unavailable` with `Retry-After` (never a 500, never a hang), and the service
+recovers by itself when the database is back. A crash loses nothing a client was told succeeded, posts
+nothing twice, and every request whose answer was lost resolves to one definite answer when it is replayed
+with its Idempotency-Key. The slow tests run `voucher-ledger serve --workers 2` as a separate process
+(tests/service_support.py); the others test the pieces in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app import errors
+from app.db import connection_lost, invalidate_if_lost, make_engine
+from app.main import create_app
+from app.settings import Settings
+from tests.test_support import assert_problem, running_app
+
+# --------------------------------------------------------------------------------------------------------
+# Which errors are a lost database
+
+
+def _raw_lost() -> list[BaseException]:
+    multiple = OSError("Multiple exceptions: [Errno 111] Connect call failed ('127.0.0.1', 1), [Errno 99] ...")
+    return [
+        asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
+        asyncpg.exceptions.ConnectionFailureError("server closed the connection unexpectedly"),
+        asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.exceptions.InterfaceError("cannot perform operation: connection is closed"),
+        asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        FileNotFoundError(2, "No such file or directory"),  # the server's Unix socket is gone
+        TimeoutError(),  # asyncpg's connect timeout
+        multiple,
+    ]
+
+
+def _raw_answers() -> list[BaseException]:
+    """The server answered (or the code is wrong): retrying the same thing later is no cure."""
+    return [
+        asyncpg.exceptions.SerializationError("could not serialize access"),
+        asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),  # 57014
+        asyncpg.exceptions.UniqueViolationError("duplicate key value"),
+        asyncpg.exceptions.InterfaceError("cannot perform operation: another operation is in progress"),
+        ValueError("not a database error"),
+        AssertionError("a bug"),
+    ]
+
+
+@pytest.mark.parametrize("raw", _raw_lost(), ids=lambda e: type(e).__name__)
+def test_lost_connections_are_recognised_raw_and_wrapped(raw: BaseException) -> None:
+    assert connection_lost(raw)
+    # as SQLAlchemy raises them: the driver's error as `orig`, and as the cause of a later error
+    assert connection_lost(OperationalError("SELECT 1", None, raw if isinstance(raw, Exception) else None))
+    try:
+        try:
+            raise raw
+        except BaseException as exc:
+            raise RuntimeError("while talking to the database") from exc
+    except RuntimeError as chained:
+        assert connection_lost(chained)
+
+
+@pytest.mark.parametrize("raw", _raw_answers(), ids=lambda e: f"{type(e).__name__}-{e}"[:60])
+def test_answers_and_bugs_are_not_lost_connections(raw: Exception) -> None:
+    assert not connection_lost(raw)
+    assert not connection_lost(IntegrityError("INSERT ...", None, raw))
+
+
+def test_sqlalchemy_marks_what_it_invalidated() -> None:
+    orig = asyncpg.exceptions.InterfaceError("an error SQLAlchemy saw on a connection it then found closed")
+    assert not connection_lost(InterfaceError("SELECT 1", None, ValueError("x")))
+    assert connection_lost(DBAPIError("SELECT 1", None, orig, connection_invalidated=True))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The HTTP answer
+
+
+class Raising:
+    """The real app with one more route, `GET /test/raise`, raising `to_raise`."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.to_raise: BaseException = RuntimeError("set by the test")
+
+    async def get(self) -> httpx.Response:
+        return await self.client.get("/test/raise")
+
+
+@pytest.fixture
+async def raising(settings: Settings) -> AsyncIterator[Raising]:
+    app = create_app(settings)
+    holder: list[Raising] = []
+
+    @app.get("/test/raise")
+    async def raise_it() -> None:
+        raise holder[0].to_raise
+
+    async with running_app(settings, app) as client:
+        holder.append(Raising(client))
+        yield holder[0]
+
+
+@pytest.mark.parametrize("raw", _raw_lost()[:8], ids=lambda e: type(e).__name__)
+async def test_a_lost_database_is_503_with_retry_after_and_one_quiet_log_line(
+    raising: Raising, raw: Exception, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(errors, "_unavailable_log", errors._UnavailableLog(errors.UNAVAILABLE_LOG_INTERVAL_S))
+    secret = "vl_abcdefghijkl_SECRETSECRET token=eyJhbGciOiJFZERTQSJ9.SECRET"
+    raw.args = (f"{raw.args[0] if raw.args else ''} {secret}",)  # a message quoting what it should not
+    for wrapped in (raw, OperationalError("SELECT secret", {"token": secret}, raw)):
+        raising.to_raise = wrapped
+        with caplog.at_level(logging.WARNING):
+            response = await raising.get()
+        assert_problem(response, 503, "service_unavailable")
+        assert response.headers["retry-after"] == str(errors.DATABASE_RETRY_AFTER_S)
+    lines = [r for r in caplog.records if r.name == "app.errors"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]  # the second within the interval is counted, not logged
+    assert lines[0].levelno == logging.WARNING and lines[0].exc_info is None
+    assert "SECRET" not in lines[0].getMessage() and "GET /test/raise" in lines[0].getMessage()
+
+
+async def test_any_other_database_error_is_still_a_logged_500(
+    raising: Raising, caplog: pytest.LogCaptureFixture
+) -> None:
+    raising.to_raise = IntegrityError("INSERT", None, asyncpg.exceptions.UniqueViolationError("duplicate key value"))
+    with caplog.at_level(logging.ERROR):
+        response = await raising.get()
+    assert_problem(response, 500, "internal_error")
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The pool recovers by itself
+
+
+async def _terminate(engine: AsyncEngine, pid: int) -> None:
+    async with engine.connect() as admin:
+        assert await admin.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    return raw
+
+
+async def _closed_soon(raw: Any) -> None:
+    """asyncpg sees the socket's end on its own, while the connection sits idle in the pool."""
+    for _ in range(500):
+        if raw.is_closed():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("asyncpg never saw the server close the connection")
+
+
+async def test_a_pooled_connection_the_server_closed_is_replaced_at_checkout(db_url: str) -> None:
+    engine = make_engine(db_url, Settings(database_url=db_url, db_pool_size=1, db_max_overflow=0))
+    other = make_engine(db_url, Settings(database_url=db_url, db_pool_size=1, db_max_overflow=0))
+    try:
+        async with engine.connect() as conn:
+            first = await conn.scalar(text("SELECT pg_backend_pid()"))
+            pooled = await _driver(conn)
+        await _terminate(other, first)
+        await _closed_soon(pooled)
+        async with engine.connect() as conn:  # replaced at checkout: no error, and no ping
+            second = await conn.scalar(text("SELECT pg_backend_pid()"))
+        assert second != first
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
+async def test_invalidate_if_lost_drops_a_connection_a_raw_driver_error_killed(db_url: str) -> None:
+    engine = make_engine(db_url, Settings(database_url=db_url, db_pool_size=1, db_max_overflow=0))
+    other = make_engine(db_url, Settings(database_url=db_url, db_pool_size=1, db_max_overflow=0))
+    try:
+        async with engine.connect() as conn:
+            raw = await _driver(conn)
+            with pytest.raises(asyncpg.exceptions.DivisionByZeroError) as answered:
+                await raw.fetchval("SELECT 1 / 0")
+            assert not await invalidate_if_lost(conn, answered.value)  # the server answered: keep it
+            assert not conn.invalidated
+            pid = await raw.fetchval("SELECT pg_backend_pid()")
+            await _terminate(other, pid)
+            with pytest.raises(Exception) as lost:
+                await raw.fetchval("SELECT 1")
+            assert await invalidate_if_lost(conn, lost.value)
+            assert conn.invalidated
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT pg_backend_pid()")) != pid
+    finally:
+        await engine.dispose()
+        await other.dispose()

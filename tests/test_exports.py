@@ -146,6 +146,62 @@ async def test_only_auditors_and_admins_export_and_parameters_are_checked(
         assert_problem(await client.get(path, params=bad, headers=auditor), 422, "validation_error")
 
 
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"from": "0001-01-01T00:00:00+08:00"}, "from"),  # not even convertible to UTC: once a 500
+        ({"to": "9999-12-31T23:00:00-08:00"}, "to"),
+        ({"from": "1969-12-31T23:59:59Z"}, "from"),
+        ({"to": "9999-01-01T00:00:01Z"}, "to"),
+        ({"from": "2026-01-01T00:00:00+08:00", "to": "2025-12-31T16:00:00Z"}, "from"),  # the same instant
+        ({"from": "2026-01-01T00:00:00Z", "to": "2026-01-01T00:00:00.000001+00:00", "format": "pdf"}, "format"),
+    ],
+)
+async def test_a_bad_range_is_a_422_naming_its_field(
+    client: httpx.AsyncClient, auditor: dict[str, str], params: dict[str, str], field: str
+) -> None:
+    response = await client.get("/v1/exports/journal", params=params, headers=auditor)
+    body = assert_problem(response, 422, "validation_error")
+    assert body["errors"][0]["loc"] == ["query", field], body
+    assert "content-disposition" not in response.headers
+
+
+async def test_the_widest_instants_are_accepted(client: httpx.AsyncClient, auditor: dict[str, str]) -> None:
+    params = {"format": "csv", "from": "1970-01-01T00:00:00Z", "to": "9999-01-01T00:00:00Z"}
+    assert (await client.get("/v1/exports/journal", params=params, headers=auditor)).status_code == 200
+
+
+async def test_an_export_covers_at_most_the_configured_stretch_of_the_chain(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    settings = roomy(settings).model_copy(update={"export_entries_max": 4})
+    app = create_app(settings)
+    auditor = bearer(await create_key(engine, Role.AUDITOR))
+    async with running_app(settings, app) as client:
+        ledger: Ledger = app.state.ledger
+        await _journal(engine, ledger)  # with whatever the session's other tests sealed: more than 4
+        await seal_all(engine, ledger)
+        acc, made = await _journal(engine, ledger)
+        await seal_all(engine, ledger)
+        path = "/v1/exports/journal"
+        for fmt in ("jsonl", "csv", "ledger"):
+            refused = await client.get(path, params={"format": fmt}, headers=auditor)
+            body = assert_problem(refused, 422, "validation_error")
+            assert body["errors"][0]["loc"] == ["query", "to"]
+            assert "more than the 4 one export may hold" in body["detail"]
+            assert "content-disposition" not in refused.headers
+        # filters do not help: the stretch is what is scanned
+        filtered = await client.get(path, params={"account_prefix": acc["world"].code.split(":")[0]}, headers=auditor)
+        assert_problem(filtered, 422, "validation_error")
+        # the same journal as consecutive ranges: the last four entries are one export, and it verifies
+        window = {"from": made[0].created_at.isoformat()}
+        lines = _lines((await _get(client, auditor, format="jsonl", **window)).content)
+        assert [json.loads(line)["id"] for line in lines[:-1]] == [str(e.id) for e in made]
+        assert export.verify_export(lines, (await client.get("/.well-known/jwks.json")).json()).ok
+        # an empty range is no stretch at all
+        assert (await _get(client, auditor, format="csv", to="1970-01-01T00:00:01Z")).status_code == 200
+
+
 async def test_jsonl_is_the_sealed_chain_in_order_with_a_signed_manifest(
     app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
 ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import DOMAIN_ERRORS, NotFound, domain_status
 from app.log import redact
-from app.main import create_app
+from app.main import BODY_SIZE_MAX, create_app
 from app.schemas import FEN_MAX, PositiveFen, RequestModel
 from app.settings import Settings
 from ledger import errors as ledger_errors
@@ -234,3 +236,56 @@ async def test_oversized_streamed_body_is_413(client: httpx.AsyncClient, engine:
         "/v1/api-keys", headers={**bearer(key), "Content-Type": "application/json"}, content=chunks()
     )
     assert_problem(response, 413, "payload_too_large")
+
+
+def _padded_body(size: int) -> bytes:
+    """A JSON key request of exactly `size` bytes (its name far too long: 422 once read)."""
+    empty = json.dumps({"role": "auditor", "name": ""}).encode()
+    body = json.dumps({"role": "auditor", "name": "x" * (size - len(empty))}).encode()
+    assert len(body) == size
+    return body
+
+
+async def test_the_body_limit_is_one_mebibyte_exactly(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    assert BODY_SIZE_MAX == 1024 * 1024
+    headers = {**bearer(await create_key(engine)), "Content-Type": "application/json"}
+    at_limit = await client.post("/v1/api-keys", headers=headers, content=_padded_body(BODY_SIZE_MAX))
+    body = assert_problem(at_limit, 422, "validation_error")  # read and parsed: the name is too long
+    assert body["errors"][0]["loc"] == ["body", "name"]
+    over = await client.post("/v1/api-keys", headers=headers, content=_padded_body(BODY_SIZE_MAX + 1))
+    assert_problem(over, 413, "payload_too_large")
+    assert str(BODY_SIZE_MAX) in over.json()["detail"]
+
+
+async def test_an_oversized_body_is_413_before_authentication(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/redemptions",
+        headers={"Content-Type": "application/json", "Idempotency-Key": "k"},
+        content=_padded_body(BODY_SIZE_MAX + 1),
+    )
+    assert_problem(response, 413, "payload_too_large")
+
+
+async def test_every_list_takes_a_limit_between_one_and_the_page_limit(settings: Settings, engine: AsyncEngine) -> None:
+    settings = settings.model_copy(update={"page_limit_max": 7})
+    app = create_app(settings)
+    lists = [
+        path
+        for path, operations in app.openapi()["paths"].items()
+        if any(parameter["name"] == "limit" for parameter in operations.get("get", {}).get("parameters", []))
+    ]
+    assert len(lists) >= 10, lists
+    admin = bearer(await create_key(engine))
+    async with running_app(settings, app) as client:
+        for path in lists:
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
+            for limit in ("0", "-1", "8", "1e3", "9" * 30):
+                response = await client.get(concrete, params={"limit": limit}, headers=admin)
+                body = assert_problem(response, 422, "validation_error")
+                assert body["errors"][0]["loc"] == ["query", "limit"], (path, limit, body)
+            if "{" not in path:
+                page = await client.get(path, params={"limit": "7"}, headers=admin)
+                assert page.status_code == 200, (path, page.text)
+                assert len(page.json()["data"]) <= 7
+            too_long = await client.get(concrete, params={"cursor": "a" * 1025}, headers=admin)
+            assert assert_problem(too_long, 422, "validation_error")["errors"][0]["loc"] == ["query", "cursor"]

@@ -12,8 +12,8 @@ Defaults (`VL_RATE_LIMITS` overrides any role and bucket; settings.py holds them
 - `redemption`: 10,000 a second, burst 10,000, per key. API.md promises that the defaults never throttle a
   provider key below 5,000 redemptions/s; twice that leaves room for an uneven spread of one key's
   connections over the workers (below), and a burst of a second's worth lets a provider replay a
-  backlog at once. The database gives out long before (README: a few hundred redemptions/s on two cores),
-  so this bucket only stops a runaway client, never a real one.
+  backlog at once. The database gives out long before that (bench/ figures in the README), so this bucket
+  stops a runaway client, never a real one.
 - `export`: 0.1 a second (6 a minute), burst 5, per key. An export of a million entries holds a database
   connection, a REPEATABLE READ snapshot and a core for 17 s (jsonl) to 40 s (csv, hledger); 6 a minute
   keeps one key to a couple of them at a time, and a burst of 5 still lets an auditor take one range in

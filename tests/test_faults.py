@@ -12,20 +12,38 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from conftest import create_database, drop_database
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app import errors
+from app import errors, migrate
+from app.apikeys import Role
 from app.db import connection_lost, invalidate_if_lost, make_engine
 from app.main import create_app
 from app.settings import Settings
-from tests.test_support import assert_problem, running_app
+from tests.service_support import (
+    YUAN,
+    Load,
+    Service,
+    assert_redeemed_exactly_once,
+    assert_replays_resolve,
+    assert_voucher_balances,
+    check_books,
+    compute_vouchers,
+    expect,
+    program_year,
+    provider_key,
+    query,
+    replay,
+)
+from tests.test_support import assert_problem, create_key, running_app
 
 # --------------------------------------------------------------------------------------------------------
 # Which errors are a lost database
@@ -207,3 +225,89 @@ async def test_invalidate_if_lost_drops_a_connection_a_raw_driver_error_killed(d
     finally:
         await engine.dispose()
         await other.dispose()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The service killed mid-load
+
+
+async def _served_database(server_url: str) -> tuple[str, str]:
+    """A fresh database migrated to head, and an admin key for it (made as `voucher-ledger apikey create`
+    makes it)."""
+    url = await create_database(server_url)
+    await asyncio.to_thread(migrate.upgrade, url)
+    engine = make_engine(url, Settings(database_url=url))
+    try:
+        admin = await create_key(engine, Role.ADMIN)
+    finally:
+        await engine.dispose()
+    return url, admin
+
+
+KILL_AFTER_201S = 40  # the kill comes once this many redemptions succeeded: in the middle, whatever the speed
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_load_loses_nothing_and_replays_resolve_every_outcome(
+    embedded_server_url: str, tmp_path: Path
+) -> None:
+    url, admin_key = await _served_database(embedded_server_url)
+    service = Service(url, tmp_path)
+    try:
+        await service.start()
+        async with service.client(admin_key) as admin:
+            # three roomy vouchers, and one that runs out mid-load, so refusals are among the outcomes
+            faces = [1_000_000 * YUAN, 1_000_000 * YUAN, 1_000_000 * YUAN, 100 * YUAN]
+            vouchers = await compute_vouchers(admin, program_year(), faces, "kill")
+            provider = await provider_key(admin)
+        load = Load(service, provider, vouchers, clients=16, amount_fen=20 * YUAN, label="kill")
+        load.start()
+        try:
+            await load.wait_until(lambda: load.count(201) >= KILL_AFTER_201S, 60, f"{KILL_AFTER_201S} redemptions")
+            await asyncio.to_thread(service.kill)  # the uvicorn parent and both workers, at once
+            await load.wait_until(lambda: all(t.done() for t in load._tasks), 30, "every client saw the crash")
+        finally:
+            await load.stop()
+        attempts = load.attempts
+        seen_ok = [a for a in attempts if a.status == 201]
+        unanswered = [a for a in attempts if a.status is None]
+        assert len(seen_ok) >= KILL_AFTER_201S and unanswered, "the kill did not land in the middle of the load"
+        assert all(a.status in (201, 409, None) for a in attempts), sorted({a.status or 0 for a in attempts})
+
+        await service.start()  # on the same database; nothing else repairs anything
+        await check_books(url)
+        async with service.client(admin_key) as admin:
+            trial = expect(await admin.get("/v1/ledger/trial-balance"), 200)
+            assert trial["balanced"] and trial["total_debits_fen"] == trial["total_credits_fen"]
+        async with service.client(provider.key) as client:  # every 201 a client saw is on record as it was
+            for attempt in seen_ok:
+                assert attempt.answer is not None
+                stored = expect(await client.get(f"/v1/redemptions/{attempt.answer['id']}"), 200)
+                assert {k: stored[k] for k in attempt.answer} == attempt.answer
+
+        answered_before = {
+            r.idempotency_key
+            for r in await query(
+                url, "SELECT idempotency_key FROM idempotency_record WHERE caller_key_id = :k", {"k": provider.key_id}
+            )
+        }
+        replies = await replay(service, provider, attempts)
+        redeemed = assert_replays_resolve(attempts, replies)
+        assert {a.key for a in seen_ok} <= set(redeemed)
+        print(  # shown when the test fails, or with -s
+            f"{len(attempts)} attempts: {len(seen_ok)} seen 201, {load.count(409)} seen 409, {len(unanswered)} "
+            f"unanswered, of which {sum(1 for a in unanswered if a.key in answered_before)} had committed "
+            f"before the kill; after the replay {len(redeemed)} redeemed"
+        )
+        await assert_redeemed_exactly_once(url, provider, attempts, replies, redeemed)
+        async with service.client(admin_key) as admin:
+            await assert_voucher_balances(admin, vouchers, list(redeemed.values()))
+        again = await replay(service, provider, attempts)  # and a second replay changes nothing
+        assert {k: (r.status_code, r.json()) for k, r in again.items()} == {
+            k: (r.status_code, r.json()) for k, r in replies.items()
+        }
+        await check_books(url)
+        assert "unhandled error" not in service.log_text()
+    finally:
+        service.stop()
+        await drop_database(embedded_server_url, url)

@@ -346,7 +346,6 @@ async def _journal_count(engine: AsyncEngine) -> int:
 
 # Wired by whoever owns app/routers/redemptions.py: `dependencies=[RedemptionRate]` on POST /v1/redemptions,
 # POST /v1/holds and POST /v1/holds/{hold_id}/capture. Remove this marker with that change.
-@pytest.mark.xfail(strict=True, reason="the redemption routes do not take RedemptionRate yet")
 async def test_redemptions_holds_and_captures_over_the_key_rate_are_429_and_post_nothing(
     settings: Settings, engine: AsyncEngine, clock: FakeClock
 ) -> None:

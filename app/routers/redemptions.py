@@ -25,6 +25,7 @@ from app.dependencies import SessionDep, require_roles
 from app.errors import PROBLEM_MEDIA_TYPE, Forbidden, domain_problem, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import affiliation_checker, thresholds_of
+from app.ratelimit import RedemptionRate
 from app.schemas import PositiveFen, RequestModel, ResponseModel
 from vouchers import redemption as service
 from vouchers.redemption import HOLD_DEFAULT_S, HOLD_MAX_S, Hold, Line, Presented, Redemption
@@ -141,7 +142,8 @@ def _lines(lines: list[LineIn]) -> list[Line]:
     "/redemptions",
     status_code=status.HTTP_201_CREATED,
     summary="Redeem a voucher token against an invoice: the program's share of the eligible lines",
-    responses=problem_responses(404, 409),
+    responses=problem_responses(404, 409, 429),
+    dependencies=[RedemptionRate],
     response_model=RedemptionOut,
 )
 async def redeem(request: Request, body: RedemptionIn, caller: Provider, key: IdempotencyKey) -> Response:
@@ -198,7 +200,8 @@ async def redeem(request: Request, body: RedemptionIn, caller: Provider, key: Id
     "/holds",
     status_code=status.HTTP_201_CREATED,
     summary="Reserve subsidy for metered work (default 24 h, at most 7 days)",
-    responses=problem_responses(404, 409),
+    responses=problem_responses(404, 409, 429),
+    dependencies=[RedemptionRate],
     response_model=HoldOut,
 )
 async def hold(
@@ -227,7 +230,8 @@ async def hold(
     "/holds/{hold_id}/capture",
     status_code=status.HTTP_201_CREATED,
     summary="Capture a hold with the final invoice: a redemption capped by the hold; the rest is released",
-    responses=problem_responses(404, 409),
+    responses=problem_responses(404, 409, 429),
+    dependencies=[RedemptionRate],
     response_model=RedemptionOut,
 )
 async def capture(

@@ -6,9 +6,11 @@ a strict integer of fen: `true`, `1.0` and `"1"` are all `422 validation_error`,
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 # A bound on every amount: 10^15 fen is ten trillion yuan, far above any programme budget, and far enough
 # below bigint's 9.2e18 that sums of many amounts cannot overflow in the database.
@@ -16,6 +18,23 @@ FEN_MAX = 10**15
 
 Fen = Annotated[StrictInt, Field(ge=0, le=FEN_MAX, description="integer fen (0.01 CNY)")]
 PositiveFen = Annotated[StrictInt, Field(gt=0, le=FEN_MAX, description="integer fen (0.01 CNY), above zero")]
+
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _rfc3339_text(value: object) -> object:
+    """RFC 3339 text and nothing else: pydantic alone takes a number (`0.5`) as seconds since 1970."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("a time is RFC 3339 with an offset, e.g. 2027-01-01T08:00:00+08:00")
+    return value
+
+
+# A moment as API.md writes times: RFC 3339 with an offset
+Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 
 class RequestModel(BaseModel):

@@ -216,6 +216,7 @@ async def test_who_may_issue_and_what_they_may_ask(
         ({"provider_entity_id": "ent_" + "0" * 24}, "provider_entity_id"),  # well formed, not registered
         ({"expires_at": "2020-01-01T00:00:00+00:00"}, "expires_at"),
         ({"expires_at": "2030-01-01T00:00:00"}, "expires_at"),  # no offset
+        ({"expires_at": 1_900_000_000}, "expires_at"),  # seconds since 1970 are not RFC 3339
         ({"audience": provider}, "audience"),
     ]:
         body_out = assert_problem(await client.post(path, json=body, headers=admin), 422, "validation_error")

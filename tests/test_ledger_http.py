@@ -82,11 +82,12 @@ async def test_accounts_entries_and_trial_balance(settings: Settings, engine: As
         )
         assert past.json()["rows"] == [] and past.json()["total_debits_fen"] == 0
 
-        assert_problem(
-            await client.get("/v1/ledger/trial-balance", params={"as_of": "2020-01-01T00:00:00"}, headers=auditor),
-            422,
-            "validation_error",
-        )
+        for not_rfc3339 in ("2020-01-01T00:00:00", "1577808000", "0.5"):  # no offset; seconds since 1970
+            assert_problem(
+                await client.get("/v1/ledger/trial-balance", params={"as_of": not_rfc3339}, headers=auditor),
+                422,
+                "validation_error",
+            )
         assert_problem(
             await client.get("/v1/ledger/entries", params={"cursor": "!!"}, headers=auditor), 422, "validation_error"
         )

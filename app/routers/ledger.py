@@ -7,12 +7,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
 from app.dependencies import AdminOrAuditorCaller, SessionDep
 from app.errors import problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
-from app.schemas import ResponseModel
+from app.schemas import ResponseModel, Rfc3339Time
 from ledger.service import Balance, Entry, Ledger
 
 router = APIRouter(prefix="/ledger", tags=["ledger"], responses=problem_responses(401, 403, 422))
@@ -160,7 +160,7 @@ async def trial_balance(
     request: Request,
     session: SessionDep,
     _caller: AdminOrAuditorCaller,
-    as_of: Annotated[AwareDatetime | None, Query(description="RFC 3339 with an offset; default now")] = None,
+    as_of: Annotated[Rfc3339Time | None, Query(description="RFC 3339 with an offset; default now")] = None,
 ) -> TrialBalanceOut:
     conn = await session.connection()
     trial = await _ledger(request).trial_balance(conn, as_of=as_of)

@@ -14,13 +14,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.apikeys import Caller, Role
 from app.dependencies import SessionDep, require_roles
 from app.errors import Forbidden, problem_responses
-from app.schemas import PositiveFen, RequestModel, ResponseModel
+from app.schemas import PositiveFen, RequestModel, ResponseModel, Rfc3339Time
 from ledger.service import Ledger
 from vouchers import tokens as service
 from vouchers import vouchers as vouchers_service
@@ -47,7 +47,7 @@ class TokenIn(RequestModel):
     max_amount_fen: PositiveFen | None = Field(
         default=None, description="a spending limit across every redemption made with this token"
     )
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Rfc3339Time | None = Field(
         default=None, description="default: 24 hours from now; never after the voucher's own expiry"
     )
 

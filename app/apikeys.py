@@ -251,6 +251,21 @@ class ApiKeyAuthenticator:
         self._touched_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def cached(self, presented: str) -> Caller | None:
+        """The caller of a key verified within the cache's TTL, with no database access; None when the key
+        must be looked up (`authenticate`). A malformed or wrong key is `Unauthorized` either way."""
+        match = KEY_PATTERN.fullmatch(presented)
+        if match is None:
+            raise Unauthorized("the API key is malformed: expected vl_<prefix>_<secret>")
+        now = time.monotonic()
+        verified = self._cache.get(match[1])
+        if verified is None or verified.expires_at <= now:
+            return None
+        if not hmac.compare_digest(hash_key(presented), verified.secret_hash):
+            raise Unauthorized("the API key is not recognized")
+        self._touch_soon(verified.caller.key_id, None, now)
+        return verified.caller
+
     async def authenticate(self, session: AsyncSession, presented: str) -> Caller:
         match = KEY_PATTERN.fullmatch(presented)
         if match is None:

@@ -60,18 +60,18 @@ _bearer = HTTPBearer(
 
 
 async def current_caller(
-    request: Request,
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Caller:
+    """The key's caller: from the authenticator's cache when it is warm (no session, no connection), else
+    read in a session of its own, closed before the route runs (a route never holds two connections)."""
     if credentials is None:
         raise Unauthorized()
     authenticator: ApiKeyAuthenticator = request.app.state.api_keys
-    caller = await authenticator.authenticate(session, credentials.credentials)
-    if session.in_transaction():
-        # a key read from the database (not cached): give its connection back now, so that a route that
-        # takes its own connection from the pool never holds two
-        await session.rollback()
+    caller = authenticator.cached(credentials.credentials)
+    if caller is None:
+        sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+        async with sessionmaker() as session:
+            caller = await authenticator.authenticate(session, credentials.credentials)
     return caller
 
 

@@ -199,6 +199,10 @@ async def test_roles(client: httpx.AsyncClient, admin: dict[str, str], engine: A
         assert_problem(await client.post("/v1/affiliations", headers=who, json=body), 403, "forbidden")
     assert (await client.post("/v1/affiliations", headers=limited_admin, json=body)).status_code == 201
     assert_problem(await client.post("/v1/affiliations", json=body), 401, "unauthorized")
+    # who is asking comes before what is wrong with the body: nothing about it is told to a stranger
+    bad_body = {**body, "kind": "equity", "equity_pct": "0"}
+    assert_problem(await client.post("/v1/affiliations", json=bad_body), 401, "unauthorized")
+    assert_problem(await client.post("/v1/affiliations", headers=auditor, json=bad_body), 403, "forbidden")
 
     assert (await client.get("/v1/affiliations", headers=auditor, params={"entity_id": mine})).status_code == 200
     for who in (provider, enterprise):

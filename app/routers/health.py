@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db import connection_lost
 from app.errors import ServiceUnavailable, problem_responses
 from app.schemas import ResponseModel
 
@@ -48,8 +49,11 @@ async def readyz(request: Request) -> Status:
             f"the database did not answer within {READY_TIMEOUT_S:g} s", code="not_ready"
         ) from None
     except Exception as exc:
+        # A dead pooled connection costs no failed probe: the pool replaces it at checkout (app/db.py).
         log.warning("readiness check failed: %s", type(exc).__name__)
-        raise ServiceUnavailable("the database cannot be reached or is not migrated", code="not_ready") from None
+        if connection_lost(exc):
+            raise ServiceUnavailable("the database cannot be reached", code="not_ready") from None
+        raise ServiceUnavailable("the database refused the check: is it migrated?", code="not_ready") from None
     if versions != {head}:
         found = ", ".join(sorted(versions)) or "none"
         raise ServiceUnavailable(f"the database schema is at {found}, not at {head}", code="not_ready")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, model_validator
 
 # A bound on every amount: 10^15 fen is ten trillion yuan, far above any programme budget, and far enough
 # below bigint's 9.2e18 that sums of many amounts cannot overflow in the database.
@@ -37,10 +37,28 @@ def _rfc3339_text(value: object) -> object:
 Rfc3339Time = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
 class RequestModel(BaseModel):
-    """Base of every request body."""
+    """Base of every request body. No text in it holds a NUL (U+0000), at any depth (free-form parts such
+    as an application's basis included): PostgreSQL cannot store one, and would fail the request late."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if _has_nul(data):
+            raise ValueError("text may not contain NUL (U+0000)")
+        return data
 
 
 class ResponseModel(BaseModel):

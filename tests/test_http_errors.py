@@ -17,7 +17,7 @@ from app.main import BODY_SIZE_MAX, create_app
 from app.schemas import FEN_MAX, PositiveFen, RequestModel
 from app.settings import Settings
 from ledger import errors as ledger_errors
-from tests.test_support import assert_problem, bearer, create_key, running_app
+from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 
 
 @pytest.fixture
@@ -115,6 +115,43 @@ async def test_bad_query_parameter_is_422(client: httpx.AsyncClient, engine: Asy
     key = await create_key(engine)
     body = assert_problem(await client.get("/v1/api-keys?limit=ten", headers=bearer(key)), 422, "validation_error")
     assert body["errors"][0]["loc"] == ["query", "limit"]
+
+
+async def test_a_nul_in_any_text_is_422_never_a_database_error(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    """PostgreSQL stores no U+0000 in text: a NUL that reached a query was a 500 (found fuzzing, issue 6)."""
+    admin = bearer(await create_key(engine))
+    entity = await create_entity(engine)
+    sent = [
+        ("PATCH", f"/v1/entities/{entity}", {"name": "a\u0000b"}),
+        (
+            "POST",
+            "/v1/external-awards",
+            {
+                "entity_id": entity,
+                "basis_ref": "invoice:1\u0000",
+                "policy": "p",
+                "amount_fen": 1,
+                "awarded_on": "2026-01-01",
+            },
+        ),
+        (
+            "POST",
+            "/v1/applications",
+            {
+                "program": "data.trusted_space",
+                "applicant_entity_id": entity,
+                "year": 2027,
+                "basis": {"project_ref": "x\u0000", "investment_fen": 10**8},
+            },
+        ),
+        ("GET", "/v1/entities/ent_%00", None),
+        ("GET", "/v1/affiliations?entity_id=%00", None),
+        ("GET", "/v1/affiliations/aff_%00", None),
+        ("GET", f"/v1/affiliations/check?a=ent_%00&b={entity}", None),
+    ]
+    for method, path, body in sent:
+        response = await client.request(method, path, headers=admin, json=body)
+        assert_problem(response, 422, "validation_error")
 
 
 async def test_oversized_body_is_413(client: httpx.AsyncClient, engine: AsyncEngine) -> None:

@@ -48,6 +48,7 @@ router = APIRouter(prefix="/affiliations", tags=["affiliations"], responses=prob
 _CURSOR: Cursor[tuple[datetime, str]] = Cursor(tuple[datetime, str])
 _DATE_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _ENTITY_ID = r"^ent_[a-z0-9]{24}$"
+_AFFILIATION_ID = r"^aff_[a-z0-9]{24}$"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
@@ -227,8 +228,8 @@ async def check(
     session: SessionDep,
     settings: SettingsDep,
     caller: Annotated[Caller, Depends(require_roles(Role.ADMIN, Role.AUDITOR, Role.PROVIDER))],
-    a: Annotated[str, Query(min_length=1, max_length=64, description="an entity id")],
-    b: Annotated[str, Query(min_length=1, max_length=64, description="an entity id")],
+    a: Annotated[str, Query(pattern=_ENTITY_ID, description="an entity id")],
+    b: Annotated[str, Query(pattern=_ENTITY_ID, description="an entity id")],
     as_of: Annotated[str | None, Query(description="YYYY-MM-DD; default today in Asia/Shanghai")] = None,
 ) -> AffiliationCheck:
     if caller.role is Role.PROVIDER and caller.entity_id not in (a, b):
@@ -250,7 +251,7 @@ async def list_(
     session: SessionDep,
     caller: AdminOrAuditorCaller,
     page: PageDep,
-    entity_id: Annotated[str | None, Query(max_length=64)] = None,
+    entity_id: Annotated[str | None, Query(pattern=_ENTITY_ID)] = None,
 ) -> Page[AffiliationOut]:
     after = _CURSOR.decode(page.cursor) if page.cursor else None
     rows = await list_affiliations(session, entity_id=entity_id, after=after, limit=page.limit + 1)
@@ -260,7 +261,7 @@ async def list_(
 
 @router.get("/{id}", summary="One relation", responses=problem_responses(404))
 async def get(
-    id: Annotated[str, Path(max_length=64)], session: SessionDep, caller: AdminOrAuditorCaller
+    id: Annotated[str, Path(pattern=_AFFILIATION_ID)], session: SessionDep, caller: AdminOrAuditorCaller
 ) -> AffiliationOut:
     return AffiliationOut.of(await get_affiliation(session, id))
 
@@ -271,7 +272,7 @@ async def get(
     responses=problem_responses(404, 409),
 )
 async def end(
-    id: Annotated[str, Path(max_length=64)], body: AffiliationEnd, session: SessionDep, caller: AdminCaller
+    id: Annotated[str, Path(pattern=_AFFILIATION_ID)], body: AffiliationEnd, session: SessionDep, caller: AdminCaller
 ) -> AffiliationOut:
     try:
         record = await end_affiliation(session, id, body.valid_to)

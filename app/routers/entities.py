@@ -82,7 +82,8 @@ Tags = Annotated[
     ),
     _rule(_tags_rule),
 ]
-EntityIdPath = Annotated[str, Path(max_length=64, description="an entity id, `ent_...`")]
+# any id of this shape is looked up (404 when unknown); anything else, a NUL for one, is 422
+EntityIdPath = Annotated[str, Path(pattern=r"^ent_[a-z0-9]{1,60}$", description="an entity id, `ent_...`")]
 
 
 class EntityCreate(RequestModel):

@@ -232,28 +232,42 @@ class Service:
 async def clients_on_every_worker(
     service: Service, key: str, count: int, *, attempts_max: int = 200
 ) -> tuple[list[httpx.AsyncClient], dict[int, int]]:
-    """`count` (or a few more) clients of one keep-alive connection each, such that every worker process
-    holds at least one of the connections; and how many each worker holds. Which process accepts a new
-    connection is the kernel's choice: open connections until each worker has some, so a test using these
-    clients is known to send requests to every worker."""
-    clients: list[httpx.AsyncClient] = []
-    owners: dict[int, int] = {}
+    """`count` clients of one keep-alive connection each, spread over every worker process, and how many
+    connections each worker holds. Which process accepts a new connection is the kernel's choice: open
+    connections (and keep them, the spares closed) until every worker holds at least one, then take the
+    clients alternately by worker, so a test sending one request per client reaches every worker."""
+    assert count >= service.workers
+    by_owner: dict[int, list[httpx.AsyncClient]] = {}
+    owner_of: dict[int, int] = {}
+    opened: list[httpx.AsyncClient] = []
     try:
-        for _ in range(attempts_max):
-            if len(clients) >= count and len(owners) >= service.workers:
-                return clients, owners
+        while len(opened) < count or len(by_owner) < service.workers:
+            if len(opened) >= attempts_max:
+                seen = {pid: len(held) for pid, held in by_owner.items()}
+                raise AssertionError(f"{attempts_max} connections never reached all {service.workers} workers: {seen}")
             client = service.client(key, connections=1)
-            clients.append(client)
+            opened.append(client)
             response = await client.get("/healthz")
             assert response.status_code == 200, response.text
             owner = service.owner_of(response)
             assert owner is not None, "could not see which worker holds the connection"
-            owners[owner] = owners.get(owner, 0) + 1
+            by_owner.setdefault(owner, []).append(client)
+            owner_of[id(client)] = owner
+        queues = list(by_owner.values())
+        chosen: list[httpx.AsyncClient] = []
+        while len(chosen) < count:
+            for queue in queues:
+                if queue and len(chosen) < count:
+                    chosen.append(queue.pop(0))
+        spare = [c for c in opened if c not in chosen]
+        await asyncio.gather(*(c.aclose() for c in spare))
     except BaseException:
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await asyncio.gather(*(c.aclose() for c in opened))
         raise
-    await asyncio.gather(*(c.aclose() for c in clients))
-    raise AssertionError(f"{attempts_max} connections never reached all {service.workers} workers: {owners}")
+    owners: dict[int, int] = {}
+    for client in chosen:
+        owners[owner_of[id(client)]] = owners.get(owner_of[id(client)], 0) + 1
+    return chosen, owners
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -570,6 +584,7 @@ def assert_replays_resolve(attempts: list[Attempt], replies: dict[str, httpx.Res
     for attempt in attempts:
         reply = replies[attempt.key]
         assert reply.status_code == 201 or 400 <= reply.status_code < 500, (attempt.key, reply.status_code, reply.text)
+        assert reply.json().get("code") != "request_in_progress", (attempt.key, reply.text)  # "later" is no answer
         if attempt.status is not None and attempt.status < 500:
             assert (reply.status_code, reply.json()) == (attempt.status, attempt.answer), (attempt, reply.text)
         if reply.status_code == 201:

@@ -48,7 +48,8 @@ router = APIRouter(prefix="/affiliations", tags=["affiliations"], responses=prob
 _CURSOR: Cursor[tuple[datetime, str]] = Cursor(tuple[datetime, str])
 _DATE_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _ENTITY_ID = r"^ent_[a-z0-9]{24}$"
-_AFFILIATION_ID = r"^aff_[a-z0-9]{24}$"
+# loose on purpose: `PATCH /v1/affiliations/check` reaches `/{id}` and stays a 404 lookup, not a 422
+_AFFILIATION_ID = r"^[a-z0-9_]{1,64}$"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from app import migrate
 from app.background import seal_all
@@ -387,6 +388,63 @@ async def check_books(db_url: str, provider: str, redeemed: int, in_flight_max: 
     return balanced and not mismatched and chain.ok and paid_ok
 
 
+REDEEM_SQL = r"""
+\set n random(1, {count})
+SELECT r.outcome FROM bench_token b, LATERAL (SELECT gen_random_uuid()::text AS u) k,
+    LATERAL voucher_redeem('bench-sql', k.u, 'POST /v1/redemptions', sha256(convert_to(k.u, 'UTF8')), b.jti, false,
+        b.voucher_id, 'voucher:' || b.voucher_id, 'entity:{provider}:payable', '{provider}', k.u, false, NULL,
+        {line}, {line}, {line}, 'rdm_' || substr(md5(k.u), 1, 24), '[]'::jsonb, '[]'::jsonb, 'bench', '{{}}'::jsonb,
+        '{{}}'::jsonb) r
+ WHERE b.n = :n;
+"""
+
+
+def pgbench_redeem(
+    server: object, data_dir: Path, database: str, seconds: int, provider: str, tokens: int
+) -> float | None:
+    """`voucher_redeem` itself, with no HTTP and no Python: pgbench calls it at 32 clients over `tokens`
+    tokens (1: the hot voucher), a fresh idempotency key and invoice each time. The database's side of a
+    redemption, to set beside TPC-B."""
+    exe = Path(server.bin_path) / "pgbench"  # type: ignore[attr-defined]
+    psql = Path(server.bin_path) / "psql"  # type: ignore[attr-defined]
+    socket_dir = str(data_dir / "pgdata")
+    setup = (
+        "CREATE TABLE IF NOT EXISTS bench_token AS SELECT row_number() OVER (ORDER BY v.created_at, t.jti) AS n, "
+        "t.jti, t.voucher_id FROM voucher_token t JOIN voucher v ON v.id = t.voucher_id; ANALYZE bench_token;"
+    )
+    subprocess.run([str(psql), "-h", socket_dir, "-U", "postgres", "-q", "-c", setup, database], check=True)
+    script = data_dir / f"redeem-{tokens}.sql"
+    script.write_text(REDEEM_SQL.format(count=tokens, provider=provider, line=LINE_FEN))
+    ran = subprocess.run(
+        [
+            str(exe),
+            "-h",
+            socket_dir,
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "32",
+            "-j",
+            "2",
+            "-M",
+            "simple",  # the script names values in quotes with colons (account codes), which pgbench would bind
+            "-T",
+            str(seconds),
+            "-f",
+            str(script),
+            database,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if ran.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {ran.stderr[-1500:]}")
+    out = ran.stdout
+    return next((float(line.split()[2]) for line in out.splitlines() if line.startswith("tps =")), None)
+
+
 def start_py_spy(py_spy: str, service_pid: int, seconds: float) -> subprocess.Popen[bytes]:
     """py-spy sampling one of the service's workers (a child of the uvicorn parent) for `seconds`, into
     profile.txt beside the py-spy given, as collapsed stacks (`--format raw`)."""
@@ -517,6 +575,12 @@ async def main() -> int:
         in_flight_max = args.clients * (len(warmup) + len(results))
         ok = await check_books(db_url, provider, redeemed, in_flight_max)
         if not args.no_pgbench:
+            database = str(make_url(db_url).database)
+            for label, count in (("uniform", len(tokens)), ("hot", 1)):
+                sql_tps = await asyncio.to_thread(
+                    pgbench_redeem, server, data_dir, database, int(args.seconds), provider, count
+                )
+                print(f"voucher_redeem alone through pgbench (32 clients, {label}): {sql_tps:.0f} calls/s")
             tps = await asyncio.to_thread(pgbench, server, data_dir, int(args.seconds))
             if tps:
                 print(f"pgbench TPC-B (prepared, 32 clients, scale 32, same server): {tps:.0f} tps")

@@ -102,6 +102,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             loop="auto",  # uvloop when installed
             http="auto",  # httptools when installed
             log_level=settings.log_level.lower(),
+            access_log=settings.access_log,
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )

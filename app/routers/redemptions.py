@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app import idempotency
 from app.apikeys import Caller, Role
 from app.commands import run_idempotent
+from app.db import invalidate_if_lost
 from app.dependencies import SessionDep, require_roles
 from app.errors import PROBLEM_MEDIA_TYPE, Forbidden, domain_problem, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
@@ -175,6 +176,8 @@ async def redeem(request: Request, body: RedemptionIn, caller: Provider, key: Id
         except Exception as exc:
             answer = domain_problem(exc)
             if answer is None or answer[0] >= 500:
+                # a connection lost under the raw statement is invalidated, not handed out again (503 follows)
+                await invalidate_if_lost(conn, exc)
                 raise
             if conn.in_transaction():
                 await conn.rollback()

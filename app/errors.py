@@ -311,10 +311,19 @@ _GENERIC_DETAILS: dict[int, str] = {
 }
 
 
+# FastAPI answers a JSON body it cannot decode with this 400; a UnicodeDecodeError as its cause: not UTF-8
+_BODY_NOT_PARSED = "There was an error parsing the body"
+_NOT_UTF8 = "the body is not valid UTF-8 JSON"
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     detail = exc.detail
+    if status == 400 and detail == _BODY_NOT_PARSED and isinstance(exc.__cause__, UnicodeDecodeError):
+        # no operation documents a 400, and malformed input is a 422 (API.md), as a body that is not JSON is
+        errors = [{"loc": ["body"], "msg": _NOT_UTF8, "type": "json_invalid"}]
+        return problem_response(422, "validation_error", _NOT_UTF8, extra={"errors": errors})
     if status == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         detail = f"{request.method} is not allowed here" + (f"; allowed: {allowed}" if allowed else "")

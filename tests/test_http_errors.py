@@ -326,3 +326,14 @@ async def test_every_list_takes_a_limit_between_one_and_the_page_limit(settings:
                 assert len(page.json()["data"]) <= 7
             too_long = await client.get(concrete, params={"cursor": "a" * 1025}, headers=admin)
             assert assert_problem(too_long, 422, "validation_error")["errors"][0]["loc"] == ["query", "cursor"]
+
+
+async def test_a_body_that_is_not_utf8_is_422_not_an_undocumented_400(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    headers = {**bearer(await create_key(engine)), "Content-Type": "application/json"}
+    for content in (b'{"role": "\xff"}', b"\xc3\x28", b'{"name": "caf\xe9"}'):  # stray, cut short, Latin-1
+        body = assert_problem(
+            await client.post("/v1/api-keys", headers=headers, content=content), 422, "validation_error"
+        )
+        assert body["errors"] == [{"loc": ["body"], "msg": "the body is not valid UTF-8 JSON", "type": "json_invalid"}]

@@ -476,3 +476,13 @@ async def test_cli_verify_export_and_old_exports_after_a_rotation(
     assert export.verify_export(fresh, jwks_now).ok
     # a JWKS without the signing key (the old one, say) does not vouch for the new export
     assert not export.verify_export(fresh, jwks).ok
+
+
+async def test_a_time_written_as_a_number_is_a_422(client: httpx.AsyncClient, auditor: dict[str, str]) -> None:
+    # pydantic alone reads a number as seconds since 1970: `?to=0.5` was once an export up to 00:00:00.5
+    for field in ("from", "to"):
+        for number in ("0.5", "1577808000", "86400"):
+            response = await client.get("/v1/exports/journal", params={field: number}, headers=auditor)
+            body = assert_problem(response, 422, "validation_error")
+            assert body["errors"][0]["loc"] == ["query", field], body
+            assert "content-disposition" not in response.headers

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +35,8 @@ import httpx
 import pytest
 import schemathesis
 from fastapi import FastAPI
-from schemathesis import Case, CheckFunction
+from schemathesis import Case
 from schemathesis.core.parameters import ParameterLocation
-from schemathesis.generation.meta import negated_parameters
 from schemathesis.python import asgi
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -212,22 +211,6 @@ def _pin_path(case: Case, objects: dict[str, str]) -> None:
             case.path_parameters[name] = real
 
 
-# Known bugs in files this test's author does not own, each reported in issue 6 with its fix; each takes
-# one check off the responses it explains, and nothing else.
-
-
-def _export_times_as_numbers(case: Case, response: schemathesis.Response) -> bool:
-    """app/routers/exports.py: `from` and `to` are `AwareDatetime`, which takes a number as seconds since
-    1970 (`?to=0.5` is 200); `app.schemas.Rfc3339Time` is the type that refuses it."""
-    negated = {name for name, _location in negated_parameters(case.meta)}
-    return case.operation.label == "GET /v1/exports/journal" and bool(negated) and negated <= {"from", "to"}
-
-
-KNOWN_BUGS: list[tuple[Callable[[Case, schemathesis.Response], bool], CheckFunction]] = [
-    (_export_times_as_numbers, schemathesis.checks.negative_data_rejection),
-]
-
-
 @schema.parametrize()
 def test_operation(case: Case, app: FastAPI, world: World) -> None:
     turn = world.sent.get(case.operation.label, 0)
@@ -238,6 +221,4 @@ def test_operation(case: Case, app: FastAPI, world: World) -> None:
     # a case whose headers are invalid on purpose (most often: no `Authorization`) is sent as generated
     headers = {} if case.meta is not None and case.meta.is_negative_at(ParameterLocation.HEADER) else bearer(key)
     response = case.call(headers=headers)
-    excused = {check for explains, check in KNOWN_BUGS if explains(case, response)}
-    checks = [check for check in CHECKS if check not in excused]
-    case.validate_response(response, checks=checks, headers=headers, transport_kwargs={"headers": headers})
+    case.validate_response(response, checks=CHECKS, headers=headers, transport_kwargs={"headers": headers})

@@ -36,13 +36,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.dependencies import AdminOrAuditorCaller, SettingsDep
 from app.errors import ValidationFailed, problem_responses
 from app.ratelimit import ExportRate
+from app.schemas import Rfc3339Time
 from ledger import chain, export
 from ledger.service import _ENTRY_COLUMNS
 from vouchers.keys import KeyRing
@@ -212,10 +212,11 @@ async def export_journal(
     _caller: AdminOrAuditorCaller,
     settings: SettingsDep,
     format: Format = "jsonl",
+    # RFC 3339 text only: a bare `AwareDatetime` takes a number as seconds since 1970 (`?to=0.5`)
     from_: Annotated[
-        AwareDatetime | None, Query(alias="from", description="RFC 3339 with an offset; default: the first entry")
+        Rfc3339Time | None, Query(alias="from", description="RFC 3339 with an offset; default: the first entry")
     ] = None,
-    to: Annotated[AwareDatetime | None, Query(description="RFC 3339 with an offset, exclusive; default: now")] = None,
+    to: Annotated[Rfc3339Time | None, Query(description="RFC 3339 with an offset, exclusive; default: now")] = None,
     program: Code = None,
     entity_id: Code = None,
     account_prefix: Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")] = None,

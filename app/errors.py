@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import connection_lost
@@ -316,20 +318,47 @@ _BODY_NOT_PARSED = "There was an error parsing the body"
 _NOT_UTF8 = "the body is not valid UTF-8 JSON"
 
 
+def _routes(app: FastAPI) -> Iterable[Any]:
+    """Every route of the app, those of included routers too. FastAPI 0.165 (uv.lock) keeps an included router
+    as one entry of `app.router.routes`, whose `matches` reports its first partial match only;
+    `iter_route_contexts` lists the routes inside it. Older versions copied them into the app's own list."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    return app.router.routes if flatten is None else flatten(app.router.routes)
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of the resource at the request's path (RFC 9110 §10.2.1), not only those of the first route
+    the router found: `GET /v1/api-keys` and `POST /v1/api-keys` are two routes. When templates of different
+    resources match the path, the most concrete wins, as OpenAPI matches paths: `/v1/affiliations/check` is
+    the check (GET), not an affiliation called "check" (`/v1/affiliations/{id}`). Empty when none matches."""
+    by_template: dict[str, set[str]] = {}
+    for route in _routes(request.app):
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] == Match.PARTIAL:
+            by_template.setdefault(str(route.path), set()).update(route_methods)
+    if not by_template:
+        return ""
+    fewest = min(template.count("{") for template in by_template)
+    methods = set().union(*(m for template, m in by_template.items() if template.count("{") == fewest))
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     detail = exc.detail
+    headers = dict(exc.headers or {})
     if status == 400 and detail == _BODY_NOT_PARSED and isinstance(exc.__cause__, UnicodeDecodeError):
         # no operation documents a 400, and malformed input is a 422 (API.md), as a body that is not JSON is
         errors = [{"loc": ["body"], "msg": _NOT_UTF8, "type": "json_invalid"}]
         return problem_response(422, "validation_error", _NOT_UTF8, extra={"errors": errors})
     if status == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        allowed = _allowed_methods(request) or headers.get("Allow", "")
+        if allowed:
+            headers["Allow"] = allowed
         detail = f"{request.method} is not allowed here" + (f"; allowed: {allowed}" if allowed else "")
     elif not detail or detail == HTTPStatus(status).phrase:
         detail = _GENERIC_DETAILS.get(status, HTTPStatus(status).phrase)
-    headers = dict(exc.headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", 'Bearer realm="voucher-ledger"')
     return problem_response(status, code_for_status(status), str(detail), headers=headers)

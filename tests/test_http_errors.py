@@ -337,3 +337,22 @@ async def test_a_body_that_is_not_utf8_is_422_not_an_undocumented_400(
             await client.post("/v1/api-keys", headers=headers, content=content), 422, "validation_error"
         )
         assert body["errors"] == [{"loc": ["body"], "msg": "the body is not valid UTF-8 JSON", "type": "json_invalid"}]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/v1/api-keys", "GET, POST"),  # two routes share the path: once `Allow: POST` only
+        ("DELETE", "/v1/api-keys", "GET, POST"),
+        ("PUT", "/healthz", "GET"),
+        ("OPTIONS", "/v1/affiliations/check", "GET"),  # the check, not an affiliation called "check"
+        ("DELETE", "/v1/affiliations/aff_x", "GET, PATCH"),
+    ],
+)
+async def test_a_405_allows_every_method_of_the_path(
+    client: httpx.AsyncClient, method: str, path: str, allowed: str
+) -> None:
+    response = await client.request(method, path)
+    body = assert_problem(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == allowed
+    assert body["detail"] == f"{method} is not allowed here; allowed: {allowed}"

@@ -2,6 +2,10 @@
 
 Every worker process runs this loop; the sealer's advisory lock lets one seal at a time, and releasing a
 hold is exactly-once in the database, so running it twice anywhere is harmless.
+
+While the database is away (`app.db.connection_lost`) every tick fails the same way: the loop says so in one
+warning line per outage (the error's class, never its message, which may quote a statement's values) and
+once more when it is back. Any other failure is logged with its stack trace, every time.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.db import connection_lost
+from app.errors import failure_name
 from app.settings import Settings
 from ledger.service import Ledger, run_in_transaction
 from vouchers.vouchers import expire_due_vouchers, return_released_holds
@@ -53,10 +59,12 @@ async def run_background(
     settings: Settings,
     policy_work: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Run until cancelled; a failed round is logged and tried again on the next tick. `policy_work` runs
-    on each sweeper tick after the ledger's own work (notices ending, 免申即享)."""
+    """Run until cancelled; a failed round is logged (a lost database once an outage) and tried again on the
+    next tick. `policy_work` runs on each sweeper tick after the ledger's own work (notices ending, 免申即享)."""
     next_sweep = 0.0
+    lost = False  # the last tick found the database away
     while True:
+        failure: Exception | None = None
         try:
             await seal_all(engine, ledger)
             if time.monotonic() >= next_sweep:
@@ -68,6 +76,16 @@ async def run_background(
                 next_sweep = time.monotonic() + settings.sweeper_interval_s
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("background ledger work failed; retrying")
+        except Exception as exc:
+            failure = exc
+        if failure is not None and connection_lost(failure):
+            if not lost:
+                log.warning("database unavailable (%s): background work waits for it", failure_name(failure))
+            lost = True
+        else:
+            if lost:
+                log.info("database back: background work resumed")
+            if failure is not None:  # a bug, or the database refusing a statement: each one with its trace
+                log.error("background ledger work failed; retrying", exc_info=failure)
+            lost = False
         await asyncio.sleep(settings.sealer_interval_s)

@@ -394,7 +394,7 @@ DATABASE_RETRY_AFTER_S = 1
 UNAVAILABLE_LOG_INTERVAL_S = 5.0
 
 
-def _failure_name(exc: BaseException) -> str:
+def failure_name(exc: BaseException) -> str:
     """The innermost error's class and SQLSTATE (never its message, which may quote a statement's values)."""
     inner: BaseException = exc
     for _ in range(8):
@@ -421,7 +421,7 @@ class _UnavailableLog:
             self._suppressed += 1
             return
         more = f"; {self._suppressed} more answered so since the last line" if self._suppressed else ""
-        log.warning("database unavailable (%s): %s answered 503%s", _failure_name(exc), where, more)
+        log.warning("database unavailable (%s): %s answered 503%s", failure_name(exc), where, more)
         self._suppressed = 0
         self._next_at = now + self.interval_s
 

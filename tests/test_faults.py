@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -24,11 +24,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app import errors, migrate
+from app import background, errors, migrate
 from app.apikeys import Role
 from app.db import connection_lost, invalidate_if_lost, make_engine
 from app.main import create_app
 from app.settings import Settings
+from ledger.service import Ledger
 from tests.service_support import (
     YUAN,
     Load,
@@ -46,7 +47,7 @@ from tests.service_support import (
     query,
     replay,
 )
-from tests.test_support import assert_problem, create_key, running_app
+from tests.test_support import assert_problem, create_key, free_port, running_app
 
 # --------------------------------------------------------------------------------------------------------
 # Which errors are a lost database
@@ -426,3 +427,80 @@ async def test_losing_the_database_answers_503_and_the_service_recovers_by_itsel
         if service is not None:
             service.stop()
         await asyncio.to_thread(pg.cleanup)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The background loop while the database is away
+
+
+async def _run_loop_until(engine: AsyncEngine, done: asyncio.Event, timeout_s: float) -> None:
+    settings = Settings(database_url="postgresql+asyncpg://nobody@127.0.0.1:1/none", sealer_interval_s=0.01)
+    loop = asyncio.create_task(background.run_background(engine, Ledger(), settings))
+    try:
+        await asyncio.wait_for(done.wait(), timeout_s)
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+
+
+async def test_the_background_loop_logs_a_lost_database_once_and_no_stack_trace(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"postgresql+asyncpg://nobody:SECRET@127.0.0.1:{free_port()}/none"  # nothing listens there
+    engine = make_engine(url, Settings(database_url=url))
+    ticks = 0
+    enough = asyncio.Event()
+
+    async def seal_all(engine: AsyncEngine, ledger: Ledger) -> int:
+        nonlocal ticks
+        ticks += 1
+        if ticks == 20:
+            enough.set()
+        return await real_seal_all(engine, ledger)
+
+    real_seal_all = background.seal_all
+    monkeypatch.setattr(background, "seal_all", seal_all)
+    try:
+        with caplog.at_level(logging.INFO, logger="app.background"):
+            await _run_loop_until(engine, enough, 2.0)
+    finally:
+        await engine.dispose()
+    lines = [r for r in caplog.records if r.name == "app.background"]
+    assert [r.levelno for r in lines] == [logging.WARNING], [r.getMessage() for r in lines]  # 20 ticks, 1 line
+    assert lines[0].exc_info is None and "Traceback" not in caplog.text
+    assert lines[0].getMessage().startswith("database unavailable (") and "SECRET" not in caplog.text
+
+
+async def test_the_background_loop_says_when_the_database_is_back_and_still_traces_other_errors(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = OperationalError("SELECT SECRET", {}, asyncpg.exceptions.CannotConnectNowError("starting up SECRET"))
+    script: list[BaseException | None] = [lost, lost, None, None, ConnectionRefusedError(111, "SECRET"), lost]
+    script += [None, RuntimeError("a bug"), RuntimeError("a bug")]
+    done = asyncio.Event()
+
+    async def seal_all(_engine: AsyncEngine, _ledger: Ledger) -> int:
+        if not script:
+            done.set()
+            return 0
+        outcome = script.pop(0)
+        if outcome is not None:
+            raise outcome
+        return 0
+
+    async def nothing(*_args: object) -> int:
+        return 0
+
+    monkeypatch.setattr(background, "seal_all", seal_all)
+    for sweep in ("release_expired_holds", "expire_due_vouchers", "return_released_holds"):
+        monkeypatch.setattr(background, sweep, nothing)
+    with caplog.at_level(logging.INFO, logger="app.background"):
+        await _run_loop_until(cast(AsyncEngine, None), done, 2.0)
+    lines = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records if r.name == "app.background"]
+    unavailable = (logging.WARNING, "database unavailable (CannotConnectNowError 57P03): background work waits for it")
+    back = (logging.INFO, "database back: background work resumed", False)
+    refused = (logging.WARNING, "database unavailable (ConnectionRefusedError): background work waits for it")
+    bug = (logging.ERROR, "background ledger work failed; retrying", True)
+    assert lines == [(*unavailable, False), back, (*refused, False), back, bug, bug], lines
+    assert "SECRET" not in caplog.text

@@ -3,7 +3,7 @@ group, on a database of the test's own, spoken to over real HTTP.
 
 For the tests that no in-process app can stand for: a crash (SIGKILL of every process of the service), the
 database going away under it, and races between separate worker processes. Seeding goes through the HTTP
-API, as bench/redeem.py does (an issued voucher is a budget commitment, ledger accounts and entries, and
+API, as bench/redeem_load.py does (an issued voucher is a budget commitment, ledger accounts and entries, and
 application claims, which only the API makes right); the books are then checked in the database itself.
 
 Not fixtures (imported fixtures trip the linter's redefinition check): each test module wraps what it needs.

@@ -121,6 +121,14 @@ async def replay_or_none(
         raise
     await conn.execute(text("SET LOCAL lock_timeout = DEFAULT"))
     # a statement of its own, after the lock: under READ COMMITTED it sees what the first request committed
+    return await _stored(conn, caller_key_id=caller_key_id, key=key, route=route, request_hash=request_hash)
+
+
+async def _stored(
+    conn: AsyncConnection, *, caller_key_id: str, key: str, route: str, request_hash: bytes
+) -> Stored | None:
+    """The answer stored under the caller's key, None when there is none; `IdempotencyKeyReused` when it
+    answers another request."""
     row = (
         await conn.execute(
             text(
@@ -199,19 +207,12 @@ async def remember_unless_answered(
     if inserted is not None:
         await conn.commit()
         return Stored(status_code, body)
-    row = (
-        await conn.execute(
-            text(
-                "SELECT route, request_hash, status_code, response::text AS response FROM idempotency_record "
-                "WHERE caller_key_id = :caller AND idempotency_key = :key"
-            ),
-            {"caller": caller_key_id, "key": key},
-        )
-    ).one()
-    await conn.commit()
-    if row.route != route or bytes(row.request_hash) != request_hash:
-        raise IdempotencyKeyReused(KEY_REUSED)
-    return Stored(int(row.status_code), json.loads(row.response))
+    try:
+        stored = await _stored(conn, caller_key_id=caller_key_id, key=key, route=route, request_hash=request_hash)
+    finally:
+        await conn.commit()
+    assert stored is not None, "the insert found the key taken: its answer is there"
+    return stored
 
 
 def response(stored: Stored) -> JSONResponse:

@@ -14,7 +14,7 @@ from starlette.datastructures import State
 from app.settings import Settings
 from vouchers import automatic
 from vouchers.affiliation_graph import Thresholds
-from vouchers.affiliations import check_affiliation
+from vouchers.affiliations import check_affiliation, path_documents
 from vouchers.applications import AffiliationChecker
 from vouchers.errors import VoucherError
 from vouchers.notices import issue_due_notices
@@ -35,16 +35,7 @@ def affiliation_checker(settings: Settings, session: AsyncSession) -> Affiliatio
         answer = await check_affiliation(session, a, b, on, thresholds)
         if not answer.affiliated:
             return None
-        return [
-            {
-                "id": r.id,
-                "from_entity_id": r.from_entity_id,
-                "to_entity_id": r.to_entity_id,
-                "kind": r.kind,
-                "equity_pct": None if r.equity_pct is None else f"{r.equity_pct:.2f}",
-            }
-            for r in answer.path
-        ]
+        return path_documents(answer.path)
 
     return check
 

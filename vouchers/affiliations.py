@@ -60,11 +60,13 @@ __all__ = [
     "Thresholds",
     "UnknownEntity",
     "check_affiliation",
+    "check_affiliation_at",
     "end_affiliation",
     "forget_cached_graphs",
     "get_affiliation",
     "list_affiliations",
     "parse_equity_pct",
+    "path_documents",
     "record_affiliation",
     "validate_new",
 ]
@@ -438,6 +440,20 @@ async def check_affiliation(session: AsyncSession, a: str, b: str, on: date, thr
             raise UnknownEntity(entity_id)
     _version, graph = await _cache_of(session).graph(session, probe.version, thresholds)
     return graph.check(a, b, on)
+
+
+def path_documents(path: list[Relation]) -> list[dict[str, Any]]:
+    """The relations of an affiliation's walk as an answer shows them (a refusal's `errors[0].path`)."""
+    return [
+        {
+            "id": r.id,
+            "from_entity_id": r.from_entity_id,
+            "to_entity_id": r.to_entity_id,
+            "kind": r.kind,
+            "equity_pct": None if r.equity_pct is None else f"{r.equity_pct:.2f}",
+        }
+        for r in path
+    ]
 
 
 async def check_affiliation_at(

@@ -25,7 +25,7 @@ from ledger import driver
 from ledger.postings import check_memo_and_metadata, credit, debit
 from ledger.service import Ledger
 from vouchers.affiliation_graph import Thresholds
-from vouchers.affiliations import check_affiliation_at
+from vouchers.affiliations import check_affiliation_at, path_documents
 from vouchers.applications import AffiliationChecker, new_id
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
@@ -725,18 +725,8 @@ async def _policy_refusal(
         on: date = now.astimezone(SHANGHAI).date()
         version, answer = await check_affiliation_at(conn, holder, provider, on, thresholds, reload=reload)
         if answer.affiliated:
-            path = [
-                {
-                    "id": r.id,
-                    "from_entity_id": r.from_entity_id,
-                    "to_entity_id": r.to_entity_id,
-                    "kind": r.kind,
-                    "equity_pct": None if r.equity_pct is None else f"{r.equity_pct:.2f}",
-                }
-                for r in answer.path
-            ]
             detail = f"provider {provider} is affiliated with the holder {holder} on {on} (arts. 8, 9)"
-            return AffiliatedParty(detail, path), version
+            return AffiliatedParty(detail, path_documents(answer.path)), version
     if owed.subsidy_fen == 0:
         return NothingEligible(f"no line of invoice {invoice_no} is paid by {program.code}"), version
     return None, version

@@ -144,18 +144,32 @@ async def _check_provider(
 ) -> Any:
     program = catalog.for_year(voucher.program, voucher.year)
     assert program.redemption is not None, f"{program.code} vouchers are redeemed"
-    if program.redemption.named_vendor_only and voucher.vendor_entity_id != provider:
-        # art. 11 ¶2: only the vendor named on the application supplies the first purchase
-        raise NotTheVendor(f"voucher {voucher.id} is redeemed only by {voucher.vendor_entity_id}")
+    if (refusal := _vendor_refusal(program, voucher.id, voucher.vendor_entity_id, provider)) is not None:
+        raise refusal
     if program.redemption.non_affiliated:
         on: date = now.astimezone(SHANGHAI).date()
         path = await checker(conn, voucher.holder_entity_id, provider, on)
         if path is not None:
-            raise AffiliatedParty(
-                f"provider {provider} is affiliated with the holder {voucher.holder_entity_id} on {on} (arts. 8, 9)",
-                path,
-            )
+            raise _affiliated(provider, voucher.holder_entity_id, on, path)
     return program
+
+
+def _vendor_refusal(
+    program: ProgramDefinition, voucher_id: str, vendor: str | None, provider: str
+) -> NotTheVendor | None:
+    """art. 11 ¶2: only the vendor named on the application supplies the first purchase."""
+    assert program.redemption is not None
+    if program.redemption.named_vendor_only and vendor != provider:
+        return NotTheVendor(f"voucher {voucher_id} is redeemed only by {vendor}")
+    return None
+
+
+def _affiliated(provider: str, holder: str, on: date, path: Sequence[Mapping[str, Any]]) -> AffiliatedParty:
+    return AffiliatedParty(f"provider {provider} is affiliated with the holder {holder} on {on} (arts. 8, 9)", path)
+
+
+def _nothing_eligible(program: ProgramDefinition, invoice_no: str) -> NothingEligible:
+    return NothingEligible(f"no line of invoice {invoice_no} is paid by {program.code}")
 
 
 def _subsidy(program: Any, rate_bp: int, lines: Sequence[Line]) -> _Subsidy:
@@ -204,7 +218,7 @@ async def redeem(
     program = await _check_provider(conn, catalog, checker, voucher, provider_entity_id, now)
     owed = _subsidy(program, int(voucher.redemption_rate_bp), lines)
     if owed.subsidy_fen == 0:
-        raise NothingEligible(f"no line of invoice {invoice_no} is paid by {program.code}")
+        raise _nothing_eligible(program, invoice_no)
     room = await _token_room(conn, presented)
     if room is not None and room <= 0:
         raise TokenLimitReached(f"token {presented.jti} has spent its {presented.max_amount_fen} fen")
@@ -717,18 +731,16 @@ async def _policy_refusal(
     registry version the answer rests on (None when the program does not ask)."""
     assert program.redemption is not None, f"{program.code} vouchers are redeemed"
     voucher_id, holder = terms.token.voucher_id, terms.token.holder_entity_id
-    if program.redemption.named_vendor_only and terms.vendor_entity_id != provider:
-        # art. 11 ¶2: only the vendor named on the application supplies the first purchase
-        return NotTheVendor(f"voucher {voucher_id} is redeemed only by {terms.vendor_entity_id}"), None
+    if (refusal := _vendor_refusal(program, voucher_id, terms.vendor_entity_id, provider)) is not None:
+        return refusal, None
     version = None
     if program.redemption.non_affiliated:
         on: date = now.astimezone(SHANGHAI).date()
         version, answer = await check_affiliation_at(conn, holder, provider, on, thresholds, reload=reload)
         if answer.affiliated:
-            detail = f"provider {provider} is affiliated with the holder {holder} on {on} (arts. 8, 9)"
-            return AffiliatedParty(detail, path_documents(answer.path)), version
+            return _affiliated(provider, holder, on, path_documents(answer.path)), version
     if owed.subsidy_fen == 0:
-        return NothingEligible(f"no line of invoice {invoice_no} is paid by {program.code}"), version
+        return _nothing_eligible(program, invoice_no), version
     return None, version
 
 

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import migrate
 from app.apikeys import ApiKey, ApiKeyCreate, Role, create_api_key
@@ -129,19 +130,24 @@ def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
 # apikey create
 
 
+async def _require_head(engine: AsyncEngine) -> None:
+    """A command that writes needs the schema at the migrations' head; else it says what to run."""
+    async with engine.connect() as connection:
+        try:
+            versions = set((await connection.execute(text("SELECT version_num FROM alembic_version"))).scalars())
+        except SQLAlchemyError:
+            versions = set()
+    head = migrate.head_revision()
+    if versions != {head}:
+        raise CommandFailed(f"the database is not migrated to {head}: run `{PROG} migrate` first")
+
+
 async def _create_key(url: str, settings: Settings, request: ApiKeyCreate) -> tuple[ApiKey, str]:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     engine = make_engine(url, settings)
     try:
-        async with engine.connect() as connection:
-            try:
-                versions = set((await connection.execute(text("SELECT version_num FROM alembic_version"))).scalars())
-            except SQLAlchemyError:
-                versions = set()
-        head = migrate.head_revision()
-        if versions != {head}:
-            raise CommandFailed(f"the database is not migrated to {head}: run `{PROG} migrate` first")
+        await _require_head(engine)
         async with AsyncSession(engine, expire_on_commit=False) as session:
             row, key = await create_api_key(session, request)
             await session.commit()
@@ -198,14 +204,7 @@ async def _rotate_key(url: str, settings: Settings) -> str:
     kek = keys.load_kek(secret.get_secret_value() if secret is not None else None, settings.data_dir)
     engine = make_engine(url, settings)
     try:
-        async with engine.connect() as connection:
-            try:
-                versions = set((await connection.execute(text("SELECT version_num FROM alembic_version"))).scalars())
-            except SQLAlchemyError:
-                versions = set()
-        head = migrate.head_revision()
-        if versions != {head}:
-            raise CommandFailed(f"the database is not migrated to {head}: run `{PROG} migrate` first")
+        await _require_head(engine)
         async with engine.begin() as connection:
             return await keys.rotate(connection, kek)
     finally:

@@ -159,20 +159,29 @@ async def remember(
     """Store the answer to the key's first request, in the caller's transaction (commit it with the
     command's postings). Only after `replay_or_none` answered None in this same transaction."""
     assert 200 <= status_code < 500, "a server error is not an answer to keep"
-    await conn.execute(
-        text(
-            "INSERT INTO idempotency_record (caller_key_id, idempotency_key, route, request_hash, status_code, "
-            "response) VALUES (:caller, :key, :route, :hash, :status, CAST(:body AS jsonb))"
-        ),
-        {
-            "caller": caller_key_id,
-            "key": key,
-            "route": route,
-            "hash": request_hash,
-            "status": status_code,
-            "body": json.dumps(body, ensure_ascii=False),
-        },
-    )
+    await conn.execute(_INSERT, _record(caller_key_id, key, route, request_hash, status_code, body))
+
+
+_INSERT = text(
+    "INSERT INTO idempotency_record (caller_key_id, idempotency_key, route, request_hash, status_code, response) "
+    "VALUES (:caller, :key, :route, :hash, :status, CAST(:body AS jsonb))"
+)
+_INSERT_IF_ABSENT = text(
+    f"{_INSERT.text} ON CONFLICT (caller_key_id, idempotency_key) DO NOTHING RETURNING status_code"
+)
+
+
+def _record(
+    caller_key_id: str, key: str, route: str, request_hash: bytes, status_code: int, body: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "caller": caller_key_id,
+        "key": key,
+        "route": route,
+        "hash": request_hash,
+        "status": status_code,
+        "body": json.dumps(body, ensure_ascii=False),
+    }
 
 
 async def remember_unless_answered(
@@ -189,21 +198,7 @@ async def remember_unless_answered(
     already: a concurrent request with the same key may have stored its answer first, and then that one is
     the key's answer, for this request too. `conn` must not be in a transaction; it is committed."""
     assert 400 <= status_code < 500, "only a refusal is stored after the fact"
-    inserted = await conn.scalar(
-        text(
-            "INSERT INTO idempotency_record (caller_key_id, idempotency_key, route, request_hash, status_code, "
-            "response) VALUES (:caller, :key, :route, :hash, :status, CAST(:body AS jsonb)) "
-            "ON CONFLICT (caller_key_id, idempotency_key) DO NOTHING RETURNING status_code"
-        ),
-        {
-            "caller": caller_key_id,
-            "key": key,
-            "route": route,
-            "hash": request_hash,
-            "status": status_code,
-            "body": json.dumps(body, ensure_ascii=False),
-        },
-    )
+    inserted = await conn.scalar(_INSERT_IF_ABSENT, _record(caller_key_id, key, route, request_hash, status_code, body))
     if inserted is not None:
         await conn.commit()
         return Stored(status_code, body)

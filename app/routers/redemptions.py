@@ -10,7 +10,7 @@ its stored answer.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, status
 from fastapi.responses import JSONResponse, Response
@@ -29,6 +29,7 @@ from app.policy_tasks import affiliation_checker, thresholds_of
 from app.ratelimit import RedemptionRate
 from app.schemas import PositiveFen, RequestModel, ResponseModel
 from vouchers import redemption as service
+from vouchers.programs import Category
 from vouchers.redemption import HOLD_DEFAULT_S, HOLD_MAX_S, Hold, Line, Presented, Redemption
 from vouchers.tokens import verify_token
 
@@ -49,18 +50,6 @@ _PROGRAM_OF = text("SELECT program, year FROM voucher WHERE id = :v")
 Token = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 InvoiceNo = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
-Category = Literal[
-    "compute",
-    "storage",
-    "network",
-    "security",
-    "dataset",
-    "model_purchase",
-    "private_deployment",
-    "cloud_deployment",
-    "api_calls",
-    "other",
-]
 
 
 class LineIn(RequestModel):

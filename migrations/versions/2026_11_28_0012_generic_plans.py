@@ -6,10 +6,11 @@ Create Date: 2026-11-28
 
 PL/pgSQL plans each statement afresh with the call's values (a custom plan) until a generic plan looks no
 worse, and for statements over the postings' arrays it never did: every call re-planned them, inlined
-`ledger_deltas` parsed anew each time. Profiled under pgbench at 32 clients, planning was the largest part
-of a `ledger_post` call; with `plan_cache_mode = force_generic_plan` on the two functions the function
-alone went from about 1,500 to 2,000 calls/s on these 2-core machines (bench/redeem_load.py prints the
-same measurement for `voucher_redeem`).
+`ledger_deltas` parsed anew each time. perf on the backends under pgbench at 32 clients put the parser,
+node deserialization and catalog look-ups high among their costs; with `plan_cache_mode =
+force_generic_plan` on the two functions, `ledger_post` called directly by pgbench went from about 1,500 to
+2,000 calls/s on these 2-core machines (measured ad hoc, alternating runs; bench/redeem_load.py measures
+`voucher_redeem` the same way).
 
 A generic plan does not know how many accounts an entry names, so each statement over `ledger_account`
 now also says `a.id = ANY (p_account_ids)`: the plan reads the entry's accounts by primary key however

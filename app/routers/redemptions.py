@@ -138,11 +138,17 @@ def _lines(lines: list[LineIn]) -> list[Line]:
 )
 async def redeem(request: Request, body: RedemptionIn, caller: Provider, key: IdempotencyKey) -> Response:
     """One database round trip when the token and the affiliation graph are cached (`voucher_redeem`,
-    migration 0011): the answer, created or stored, comes back as the JSON the database stored. A refusal
-    writes nothing; its problem document is stored under the key afterwards, unless a concurrent twin's
-    answer was stored first, which is then the answer."""
+    migration 0011): the answer, created or stored, comes back as the JSON the database stored."""
+    status_code, media_type, content = await redemption_answer(request.app.state, caller, key, body)
+    return Response(content, status_code=status_code, media_type=media_type)
+
+
+async def redemption_answer(state: Any, caller: Caller, key: str, body: RedemptionIn) -> tuple[int, str, bytes]:
+    """The answer to `POST /v1/redemptions` from an authenticated provider, as (status, media type, body):
+    created, replayed, or a refusal. A refusal writes nothing; its problem document is stored under the key
+    afterwards, unless a concurrent twin's answer was stored first, which is then the answer. Shared by the
+    route and the app's fast path (`app.fastpath`), which must answer alike."""
     assert caller.entity_id is not None
-    state = request.app.state
     fingerprint = idempotency.request_hash(REDEEM_ROUTE, body.model_dump(mode="json"))
     async with state.engine.connect() as conn:
         try:
@@ -179,13 +185,15 @@ async def redeem(request: Request, body: RedemptionIn, caller: Provider, key: Id
                 status_code=answer[0],
                 body=answer[1],
             )
-            return idempotency.response(stored)
+            response = idempotency.response(stored)
+            return response.status_code, response.media_type or PROBLEM_MEDIA_TYPE, bytes(response.body)
     if outcome.kind == "key_reused":
         raise idempotency.IdempotencyKeyReused(idempotency.KEY_REUSED)
     if outcome.kind == "in_progress":
         raise idempotency.RequestInProgress(idempotency.IN_PROGRESS)
     media_type = "application/json" if outcome.status_code < 400 else PROBLEM_MEDIA_TYPE
-    return Response(outcome.body, status_code=outcome.status_code, media_type=media_type)
+    body_text = outcome.body
+    return outcome.status_code, media_type, body_text.encode() if isinstance(body_text, str) else bytes(body_text)
 
 
 @router.post(

@@ -637,6 +637,10 @@ async def void_hold(
 REDEEMABLE_CACHE_SIZE_MAX = 100_000
 _ATTEMPTS_MAX = 3  # a stale affiliation graph or a concurrent twin invoice: look again, twice at most
 _INVOICE_ONCE = "redemption_invoice_once"
+# A twin request that commits first, while this one runs: with another key and the same invoice (the
+# invoice's unique index), or with the same key (the stored answer's primary key; voucher_redeem reads the
+# stored answer and takes the key's lock in one statement, migration 0013).
+_TWIN_COMMITTED_FIRST = frozenset({_INVOICE_ONCE, "idempotency_record_pkey"})
 _UNIQUE_VIOLATION = "23505"
 
 
@@ -828,8 +832,8 @@ async def redeem_at_once(
                 json.dumps(response, ensure_ascii=False),
             )
         except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == _INVOICE_ONCE and attempt < _ATTEMPTS_MAX:
-                continue  # a twin invoice with another key committed first: the next call says so
+            if exc.constraint_name in _TWIN_COMMITTED_FIRST and attempt < _ATTEMPTS_MAX:
+                continue  # a twin committed first: the next call answers its stored answer or the invoice
             raise
         outcome: str = row["outcome"]
         if outcome in ("created", "replayed"):

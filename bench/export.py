@@ -55,7 +55,7 @@ from app import migrate
 from app.db import make_engine
 from app.embedded import start_embedded
 from app.settings import Settings
-from bench.redeem import VOUCHER_LEDGER, Service, cpu_seconds
+from bench.redeem_load import VOUCHER_LEDGER, Service, cpu_seconds
 from ledger.postings import credit, debit, request_hash
 from ledger.service import Ledger, run_in_transaction
 

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from app.apikeys import ApiKeyAuthenticator
 from app.background import run_background
-from app.db import make_engine
+from app.db import invalidate_if_lost, make_engine
 from app.embedded import start_embedded
 from app.errors import install_error_handlers
 from app.log import configure_logging
@@ -40,7 +40,7 @@ from ledger.service import Ledger
 from vouchers import catalog, keys
 from vouchers.catalog import Catalog
 from vouchers.programs import DEFINITIONS_FILE, load_file
-from vouchers.redemption import RedeemableCache
+from vouchers.redemption import RedeemableCache, RedeemBatcher
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.catalog = await _publish_programs(app, engine, settings)
         app.state.keyring = await _load_keyring(engine, settings)
         app.state.redeemables = RedeemableCache()  # verified tokens with their vouchers' fixed terms
+        app.state.redeem_batcher = RedeemBatcher(
+            engine,
+            batch_max=settings.redeem_batch_max,
+            in_flight_max=settings.redeem_batches_in_flight,
+            on_error=invalidate_if_lost,
+        )
         if settings.background_tasks:
             background = asyncio.create_task(
                 run_background(engine, app.state.ledger, settings, policy_work=lambda: policy_pass(app.state)),

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1, le=200)
     db_max_overflow: int = Field(default=10, ge=0, le=200)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # redemptions arriving while others are with the database go together, as one statement and one commit
+    # (vouchers.redemption.RedeemBatcher); 1 and 1 send each alone
+    redeem_batch_max: int = Field(default=32, ge=1, le=500, description="redemptions per database statement, at most")
+    redeem_batches_in_flight: int = Field(
+        default=4, ge=1, le=100, description="redemption statements out at once, per worker, before calls queue"
+    )
     sealer_interval_s: float = Field(default=0.2, gt=0, le=60)
     sweeper_interval_s: float = Field(default=1.0, gt=0, le=3600)
     background_tasks: bool = Field(default=True, description="run the chain sealer and hold sweeper")

@@ -44,3 +44,15 @@ async def fetchrow_alone(conn: AsyncConnection, sql: str, *args: Any) -> Any:
     assert adapter._transaction is None, "the connection's driver holds a transaction SQLAlchemy does not know"
     async with adapter._execute_mutex:
         return await adapter._connection.fetchrow(sql, *args)
+
+
+async def fetch_alone(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:
+    """`fetchrow_alone`, answering every row: one statement as a transaction of its own."""
+    if conn.in_transaction():
+        raise RuntimeError("fetch_alone runs a statement as its own transaction: end the open one first")
+    raw = await conn.get_raw_connection()
+    adapter: Any = raw.dbapi_connection
+    assert adapter._transaction is None, "the connection's driver holds a transaction SQLAlchemy does not know"
+    async with adapter._execute_mutex:
+        rows: list[Any] = await adapter._connection.fetch(sql, *args)
+        return rows

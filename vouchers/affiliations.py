@@ -30,7 +30,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import and_, column, or_, select, table, text, tuple_
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from vouchers.affiliation_graph import (
     KINDS,
@@ -414,7 +415,11 @@ _CACHES: dict[str, _GraphCache] = {}
 
 def _cache_of(session: AsyncSession | AsyncConnection) -> _GraphCache:
     bind = session.engine if isinstance(session, AsyncConnection) else session.get_bind().engine
-    key = bind.url.render_as_string(hide_password=True)
+    return _cache_for(bind)
+
+
+def _cache_for(engine: AsyncEngine | Engine) -> _GraphCache:
+    key = engine.url.render_as_string(hide_password=True)
     cache = _CACHES.get(key)
     if cache is None:
         cache = _CACHES[key] = _GraphCache()
@@ -454,6 +459,18 @@ def path_documents(path: list[Relation]) -> list[dict[str, Any]]:
         }
         for r in path
     ]
+
+
+def check_affiliation_cached(
+    engine: AsyncEngine, a: str, b: str, on: date, thresholds: Thresholds
+) -> tuple[int, Affiliation] | None:
+    """`check_affiliation_at`'s answer when this process has the graph loaded, with no connection at all;
+    None when it has not (then `check_affiliation_at` loads it)."""
+    found = _cache_for(engine).cached(thresholds)
+    if found is None:
+        return None
+    version, graph = found
+    return version, graph.check(a, b, on)
 
 
 async def check_affiliation_at(

@@ -9,23 +9,24 @@ one before it left (partial redemption, then `voucher_exhausted`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, NamedTuple
 
 import asyncpg
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import driver
 from ledger.postings import check_memo_and_metadata, credit, debit
 from ledger.service import Ledger
 from vouchers.affiliation_graph import Thresholds
-from vouchers.affiliations import check_affiliation_at, path_documents
+from vouchers.affiliations import check_affiliation_at, check_affiliation_cached, path_documents
 from vouchers.applications import AffiliationChecker, new_id
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
@@ -690,14 +691,15 @@ class Outcome(NamedTuple):
 
 
 async def _redeemable(
-    conn: AsyncConnection, keyring: KeyRing, cache: RedeemableCache, token: str, provider: str, now: datetime
+    reads: _Reads, keyring: KeyRing, cache: RedeemableCache, token: str, provider: str, now: datetime
 ) -> Redeemable:
     """The token's redeemable terms: from the cache, or verified in full (signature, claims, row) and read
-    with its voucher's terms. A read leaves `conn` in a transaction (the caller ends it)."""
+    with its voucher's terms. A read leaves its connection in a transaction (the caller ends it)."""
     now_s = now.timestamp()
     digest = hashlib.sha256(token.encode()).digest()
     found = cache.get(digest, now_s)
     if found is None:
+        conn = await reads.conn()
         verified = await verify_token(conn, keyring, token, caller_entity_id=provider, now=now)
         row = (
             await conn.execute(
@@ -720,7 +722,8 @@ async def _redeemable(
 
 
 async def _policy_refusal(
-    conn: AsyncConnection,
+    engine: AsyncEngine,
+    reads: _Reads,
     program: ProgramDefinition,
     terms: Redeemable,
     provider: str,
@@ -740,7 +743,10 @@ async def _policy_refusal(
     version = None
     if program.redemption.non_affiliated:
         on: date = now.astimezone(SHANGHAI).date()
-        version, answer = await check_affiliation_at(conn, holder, provider, on, thresholds, reload=reload)
+        cached = None if reload else check_affiliation_cached(engine, holder, provider, on, thresholds)
+        if cached is None:
+            cached = await check_affiliation_at(await reads.conn(), holder, provider, on, thresholds, reload=reload)
+        version, answer = cached
         if answer.affiliated:
             return _affiliated(provider, holder, on, path_documents(answer.path)), version
     if owed.subsidy_fen == 0:
@@ -753,10 +759,156 @@ _REDEEM = """
       FROM voucher_redeem($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::jsonb,
                           $19::jsonb, $20, $21::jsonb, $22::jsonb)
 """
+# Several redemptions as one statement, one transaction: `voucher_redeem` called for each, in voucher order
+# (every batch locks vouchers in the same order, so two batches cannot deadlock on them), each call seeing
+# what the ones before it wrote (the same voucher twice, the same key twice, the same invoice twice: they
+# are answered as if sent one after the other).
+_REDEEM_BATCH = """
+    SELECT k.ord, r.outcome, r.status_code, r.body, r.detail
+      FROM (SELECT *
+              FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::boolean[], $7::text[],
+                          $8::text[], $9::text[], $10::text[], $11::text[], $12::boolean[], $13::bigint[],
+                          $14::bigint[], $15::bigint[], $16::bigint[], $17::text[], $18::jsonb[], $19::jsonb[],
+                          $20::text[], $21::jsonb[], $22::jsonb[])
+                   WITH ORDINALITY AS u(caller, key, route, request_hash, jti, limited, voucher_id, voucher_account,
+                                        payable_account, provider, invoice_no, refused, affiliation_version,
+                                        owed_fen, total_fen, eligible_fen, redemption_id, lines, excluded, memo,
+                                        metadata, response, ord)
+             ORDER BY u.voucher_id, u.ord) k
+     CROSS JOIN LATERAL voucher_redeem(k.caller, k.key, k.route, k.request_hash, k.jti, k.limited, k.voucher_id,
+                                       k.voucher_account, k.payable_account, k.provider, k.invoice_no, k.refused,
+                                       k.affiliation_version, k.owed_fen, k.total_fen, k.eligible_fen,
+                                       k.redemption_id, k.lines, k.excluded, k.memo, k.metadata, k.response) r
+"""
+
+
+class RedeemBatcher:
+    """Redemptions that arrive while others are with the database go to it together, as one statement and
+    one commit (`_REDEEM_BATCH`), instead of each holding a connection and a commit of its own.
+
+    perf put most of a redemption's database time in per-statement and per-transaction work (executor
+    start-up, constraint and trigger set-up, the commit), and the load's 32 connections in 40 busy backends
+    contending for two cores; a batch pays those once. Nothing waits to fill a batch: a call goes at once
+    when fewer than `in_flight_max` batches are out, else it joins the next one, which leaves as soon as one
+    comes back. So an idle service answers a lone redemption as before, and a busy one sends bigger batches.
+
+    A batch commits or fails whole. When its statement fails (a twin's unique key committed first, a
+    deadlock, a missing account), no redemption of it happened, and each is sent again on its own, so
+    each gets its own answer or error exactly as if it had come alone. A lost connection fails them all.
+    Every call's outcome is the database's answer; nothing here decides one."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        batch_max: int,
+        in_flight_max: int,
+        on_error: Callable[[AsyncConnection, BaseException], Awaitable[bool]],
+    ) -> None:
+        """`on_error(conn, exc)` answers whether `exc` means the connection is lost (and invalidates it)."""
+        self._engine = engine
+        self._batch_max = batch_max
+        self._in_flight_max = in_flight_max
+        self._on_error = on_error
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # statements sent, and redemptions in them: for tests and the bench
+        self.calls = 0
+
+    async def call(self, args: tuple[Any, ...]) -> Any:
+        """`voucher_redeem`'s row for these arguments (or its error)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, future))
+        if self._in_flight < self._in_flight_max:
+            self._in_flight += 1
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._batch_max]
+                del self._pending[: self._batch_max]
+                await self._send(batch)
+        finally:
+            self._in_flight -= 1
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            async with self._engine.connect() as conn:
+                try:
+                    if len(batch) == 1:
+                        _settle(batch[0][1], await driver.fetchrow_alone(conn, _REDEEM, *batch[0][0]))
+                        return
+                    rows = await driver.fetch_alone(
+                        conn, _REDEEM_BATCH, *(list(column) for column in zip(*(a for a, _ in batch), strict=True))
+                    )
+                except Exception as exc:
+                    if len(batch) == 1 or await self._on_error(conn, exc):
+                        for _args, future in batch:
+                            _fail(future, exc)
+                        return
+                    for args, future in batch:  # each on its own, for its own answer
+                        try:
+                            _settle(future, await driver.fetchrow_alone(conn, _REDEEM, *args))
+                        except Exception as one:
+                            await self._on_error(conn, one)
+                            _fail(future, one)
+                    return
+                for row in rows:
+                    _settle(batch[row["ord"] - 1][1], row)
+        except Exception as exc:  # no connection to be had: every call fails with that
+            for _args, future in batch:
+                _fail(future, exc)
+
+
+def _settle(future: asyncio.Future[Any], row: Any) -> None:
+    if not future.done():  # a caller that went away no longer waits
+        future.set_result(row)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class _Reads:
+    """The connection for the reads a first use needs (a token to verify, an affiliation graph to load),
+    opened on first use and given back before the redemption's own statement: a call waiting for its batch
+    holds no connection, so calls waiting cannot starve their batches of the pool."""
+
+    def __init__(self, engine: AsyncEngine, on_error: Callable[[AsyncConnection, BaseException], Awaitable[bool]]):
+        self._engine = engine
+        self._on_error = on_error
+        self._conn: AsyncConnection | None = None
+
+    async def conn(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await self._engine.connect()
+        return self._conn
+
+    async def close(self, exc: BaseException | None = None) -> None:
+        """Give the connection back: its reads' transaction ended, or, after `exc`, invalidated when `exc`
+        says it is lost."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if exc is not None:
+                await self._on_error(conn, exc)
+            elif conn.in_transaction():
+                await conn.commit()  # reads only: the redemption's statement is a transaction of its own
+        finally:
+            await conn.close()
 
 
 async def redeem_at_once(
-    conn: AsyncConnection,
+    engine: AsyncEngine,
     *,
     keyring: KeyRing,
     catalog: Catalog,
@@ -771,13 +923,63 @@ async def redeem_at_once(
     invoice_no: str,
     lines: Sequence[Line],
     now: datetime,
+    on_error: Callable[[AsyncConnection, BaseException], Awaitable[bool]],
+    batcher: RedeemBatcher | None = None,
 ) -> Outcome:
     """`redeem`, answering the idempotency key, in one database round trip when the token and the
     affiliation graph are cached (a first use reads them first). Created and replayed answers are stored by
     the database; a refusal is raised (a `VoucherError`), and the caller stores it under the key.
 
-    `conn` must not be in a transaction: the function's statement is its own."""
-    terms = await _redeemable(conn, keyring, cache, token, provider_entity_id, now)
+    Connections come from `engine`: one for the reads of a first use, given back before the redemption's
+    statement, which `batcher` sends (or, without one, a connection of its own). `on_error(conn, exc)`
+    invalidates a connection that `exc` says is lost."""
+    reads = _Reads(engine, on_error)
+    try:
+        return await _redeem_at_once(
+            engine,
+            reads,
+            keyring=keyring,
+            catalog=catalog,
+            thresholds=thresholds,
+            cache=cache,
+            caller_key_id=caller_key_id,
+            idempotency_key=idempotency_key,
+            route=route,
+            request_hash=request_hash,
+            token=token,
+            provider_entity_id=provider_entity_id,
+            invoice_no=invoice_no,
+            lines=lines,
+            now=now,
+            batcher=batcher,
+        )
+    except BaseException as exc:
+        await reads.close(exc)
+        raise
+    finally:
+        await reads.close()
+
+
+async def _redeem_at_once(
+    engine: AsyncEngine,
+    reads: _Reads,
+    *,
+    keyring: KeyRing,
+    catalog: Catalog,
+    thresholds: Thresholds,
+    cache: RedeemableCache,
+    caller_key_id: str,
+    idempotency_key: str,
+    route: str,
+    request_hash: bytes,
+    token: str,
+    provider_entity_id: str,
+    invoice_no: str,
+    lines: Sequence[Line],
+    now: datetime,
+    batcher: RedeemBatcher | None,
+) -> Outcome:
+    terms = await _redeemable(reads, keyring, cache, token, provider_entity_id, now)
     program = catalog.for_year(terms.program, terms.year)
     owed = _subsidy(program, terms.rate_bp, lines)
     voucher_id, jti = terms.token.voucher_id, terms.token.jti
@@ -800,37 +1002,41 @@ async def redeem_at_once(
     }
     for attempt in range(1, _ATTEMPTS_MAX + 1):
         refusal, version = await _policy_refusal(
-            conn, program, terms, provider_entity_id, owed, invoice_no, thresholds, now, reload=attempt > 1
+            engine, reads, program, terms, provider_entity_id, owed, invoice_no, thresholds, now, reload=attempt > 1
         )
-        if conn.in_transaction():
-            await conn.commit()  # the reads above: the function's statement must be a transaction of its own
+        args = (
+            caller_key_id,
+            idempotency_key,
+            route,
+            request_hash,
+            jti,
+            terms.token.max_amount_fen is not None,
+            voucher_id,
+            voucher_account(voucher_id),
+            payable_account(provider_entity_id),
+            provider_entity_id,
+            invoice_no,
+            refusal is not None,
+            version,
+            owed.subsidy_fen,
+            sum(line.amount_fen for line in lines),
+            owed.eligible_fen,
+            redemption_id,
+            json.dumps(line_documents, ensure_ascii=False),
+            json.dumps(owed.excluded, ensure_ascii=False),
+            memo,
+            json.dumps(metadata, sort_keys=True, ensure_ascii=False),
+            json.dumps(response, ensure_ascii=False),
+        )
         try:
-            row = await driver.fetchrow_alone(
-                conn,
-                _REDEEM,
-                caller_key_id,
-                idempotency_key,
-                route,
-                request_hash,
-                jti,
-                terms.token.max_amount_fen is not None,
-                voucher_id,
-                voucher_account(voucher_id),
-                payable_account(provider_entity_id),
-                provider_entity_id,
-                invoice_no,
-                refusal is not None,
-                version,
-                owed.subsidy_fen,
-                sum(line.amount_fen for line in lines),
-                owed.eligible_fen,
-                redemption_id,
-                json.dumps(line_documents, ensure_ascii=False),
-                json.dumps(owed.excluded, ensure_ascii=False),
-                memo,
-                json.dumps(metadata, sort_keys=True, ensure_ascii=False),
-                json.dumps(response, ensure_ascii=False),
-            )
+            if batcher is not None:
+                await reads.close()
+                row = await batcher.call(args)
+            else:
+                conn = await reads.conn()
+                if conn.in_transaction():
+                    await conn.commit()  # the reads above: the function's statement is a transaction of its own
+                row = await driver.fetchrow_alone(conn, _REDEEM, *args)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name in _TWIN_COMMITTED_FIRST and attempt < _ATTEMPTS_MAX:
                 continue  # a twin committed first: the next call answers its stored answer or the invoice

@@ -150,32 +150,30 @@ async def redemption_answer(state: Any, caller: Caller, key: str, body: Redempti
     route and the app's fast path (`app.fastpath`), which must answer alike."""
     assert caller.entity_id is not None
     fingerprint = idempotency.request_hash(REDEEM_ROUTE, body.model_dump(mode="json"))
-    async with state.engine.connect() as conn:
-        try:
-            outcome = await service.redeem_at_once(
-                conn,
-                keyring=state.keyring,
-                catalog=state.catalog,
-                thresholds=thresholds_of(state.settings),
-                cache=state.redeemables,
-                caller_key_id=caller.key_id,
-                idempotency_key=key,
-                route=REDEEM_ROUTE,
-                request_hash=fingerprint,
-                token=body.token,
-                provider_entity_id=caller.entity_id,
-                invoice_no=body.invoice_no,
-                lines=_lines(body.lines),
-                now=datetime.now(UTC),
-            )
-        except Exception as exc:
-            answer = domain_problem(exc)
-            if answer is None or answer[0] >= 500:
-                # a connection lost under the raw statement is invalidated, not handed out again (503 follows)
-                await invalidate_if_lost(conn, exc)
-                raise
-            if conn.in_transaction():
-                await conn.rollback()
+    try:
+        outcome = await service.redeem_at_once(
+            state.engine,
+            keyring=state.keyring,
+            catalog=state.catalog,
+            thresholds=thresholds_of(state.settings),
+            cache=state.redeemables,
+            caller_key_id=caller.key_id,
+            idempotency_key=key,
+            route=REDEEM_ROUTE,
+            request_hash=fingerprint,
+            token=body.token,
+            provider_entity_id=caller.entity_id,
+            invoice_no=body.invoice_no,
+            lines=_lines(body.lines),
+            now=datetime.now(UTC),
+            on_error=invalidate_if_lost,  # a connection lost under a raw statement is not handed out again
+            batcher=state.redeem_batcher,
+        )
+    except Exception as exc:
+        answer = domain_problem(exc)
+        if answer is None or answer[0] >= 500:
+            raise
+        async with state.engine.connect() as conn:
             stored = await idempotency.remember_unless_answered(
                 conn,
                 caller_key_id=caller.key_id,
@@ -185,8 +183,8 @@ async def redemption_answer(state: Any, caller: Caller, key: str, body: Redempti
                 status_code=answer[0],
                 body=answer[1],
             )
-            response = idempotency.response(stored)
-            return response.status_code, response.media_type or PROBLEM_MEDIA_TYPE, bytes(response.body)
+        response = idempotency.response(stored)
+        return response.status_code, response.media_type or PROBLEM_MEDIA_TYPE, bytes(response.body)
     if outcome.kind == "key_reused":
         raise idempotency.IdempotencyKeyReused(idempotency.KEY_REUSED)
     if outcome.kind == "in_progress":

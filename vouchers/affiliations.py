@@ -24,13 +24,14 @@ import asyncio
 import re
 import secrets
 import string
+import weakref
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import and_, column, or_, select, table, text, tuple_
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from vouchers.affiliation_graph import (
@@ -410,7 +411,8 @@ class _GraphCache:
         return None if snapshot is None or graph is None else (snapshot.version, graph)
 
 
-_CACHES: dict[URL, _GraphCache] = {}
+_CACHES: dict[str, _GraphCache] = {}
+_BY_ENGINE: weakref.WeakKeyDictionary[Engine, _GraphCache] = weakref.WeakKeyDictionary()
 
 
 def _cache_of(session: AsyncSession | AsyncConnection) -> _GraphCache:
@@ -419,12 +421,17 @@ def _cache_of(session: AsyncSession | AsyncConnection) -> _GraphCache:
 
 
 def _cache_for(engine: AsyncEngine | Engine) -> _GraphCache:
-    # keyed by the URL itself (a hashable tuple): rendering it as text on every check cost a redemption
-    # about 4 % of a worker's CPU (py-spy)
-    key = engine.url
-    cache = _CACHES.get(key)
+    """The graph cache of `engine`'s database (engines on one database share it). Found by the engine
+    object itself after the first time: rendering or hashing its URL on every check cost a redemption
+    about 4 % of a worker's CPU (py-spy)."""
+    sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    cache = _BY_ENGINE.get(sync)
     if cache is None:
-        cache = _CACHES[key] = _GraphCache()
+        key = sync.url.render_as_string(hide_password=True)
+        cache = _CACHES.get(key)
+        if cache is None:
+            cache = _CACHES[key] = _GraphCache()
+        _BY_ENGINE[sync] = cache
     return cache
 
 

@@ -12,6 +12,7 @@ internal_error` with a generic detail, and a log line with the stack trace.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,9 +22,10 @@ from typing import Any, ClassVar
 import fastapi.routing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -452,6 +454,37 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return _internal_error_response()
 
 
+def unhandled_response(where: str, exc: Exception) -> JSONResponse:
+    """The answer to an exception no handler took (`where`: method and route template, for the log line): a
+    lost database is a 503 (`database_unavailable_response`), anything else a generic 500, logged with its
+    stack trace."""
+    if connection_lost(exc):
+        return database_unavailable_response(where, exc)
+    log.error("unhandled error in %s", where, exc_info=exc)
+    return _internal_error_response()
+
+
+async def route_error_response(request: Request, exc: Exception, where: str) -> Response:
+    """The answer the app gives when a route raises `exc`, for work done outside FastAPI's machinery
+    (`app.fastpath`): the handler registered for the exception's nearest class, as Starlette's
+    ExceptionMiddleware picks it (an HTTPException's status first; the `Exception`/500 handler is not among
+    them: Starlette keeps that one for its outermost middleware), else what `UnhandledErrorMiddleware`
+    answers."""
+    handlers: Mapping[Any, Any] = request.app.exception_handlers
+    handler = None
+    if isinstance(exc, StarletteHTTPException) and exc.status_code != 500:
+        handler = handlers.get(exc.status_code)
+    if handler is None:
+        handler = next((handlers[cls] for cls in type(exc).__mro__ if cls is not Exception and cls in handlers), None)
+    if handler is None:
+        return unhandled_response(where, exc)
+    if inspect.iscoroutinefunction(handler):
+        response: Response = await handler(request, exc)
+    else:
+        response = await run_in_threadpool(handler, request, exc)
+    return response
+
+
 class UnhandledErrorMiddleware:
     """Answers an exception no handler took: a lost database with a 503 problem (`connection_lost`),
     anything else with a generic 500 problem, logged with its stack trace.
@@ -482,11 +515,7 @@ class UnhandledErrorMiddleware:
             if started:
                 raise
             where = f"{scope.get('method')} {getattr(scope.get('route'), 'path', 'unmatched')}"
-            if connection_lost(exc):
-                await database_unavailable_response(where, exc)(scope, receive, send)
-                return
-            log.error("unhandled error in %s", where, exc_info=exc)
-            await _internal_error_response()(scope, receive, send)
+            await unhandled_response(where, exc)(scope, receive, send)
 
 
 class BodySizeLimitMiddleware:

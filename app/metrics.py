@@ -126,10 +126,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            route = self.routes.label(scope)
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - started_at)
+            observe_request(scope["method"], self.routes.label(scope), status, started_at)
+
+
+def observe_request(method: str, route: str, status: int, started_at: float) -> None:
+    """Count one answered request and time it from `started_at` (`time.perf_counter()` at its arrival)."""
+    method = method if method in _METHODS else "other"
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - started_at)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -70,6 +70,7 @@ __all__ = [
     "RateLimiter",
     "RedemptionRate",
     "TokenBucket",
+    "app_limiter",
     "rate_limit",
 ]
 
@@ -169,9 +170,12 @@ class RateLimiter:
 
 
 def limiter_of(request: Request) -> RateLimiter:
+    return app_limiter(request.app.state)
+
+
+def app_limiter(state: Any) -> RateLimiter:
     """The app's limiter (`app.state.rate_limiter`), made from its settings on first use; a test may set
-    its own beforehand (with a fake clock)."""
-    state = request.app.state
+    its own beforehand (with a fake clock). The app's fast path (`app.fastpath`) takes from it too."""
     limiter: RateLimiter | None = getattr(state, "rate_limiter", None)
     if limiter is None:
         limiter = RateLimiter.from_settings(state.settings)

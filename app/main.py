@@ -148,6 +148,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             background.cancel()
             await asyncio.wait([background])
         await authenticator.aclose()
+        batcher = getattr(app.state, "redeem_batcher", None)
+        if batcher is not None:
+            await batcher.aclose()
         await engine.dispose()
         if server is not None:
             await asyncio.to_thread(server.cleanup)

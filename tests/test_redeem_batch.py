@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.apikeys import Role
-from app.db import invalidate_if_lost
+from app.db import invalidate_if_lost, make_engine
 from app.main import create_app
 from app.settings import Settings
 from ledger.service import Ledger
@@ -161,3 +161,26 @@ async def test_a_lone_redemption_goes_alone(engine: AsyncEngine, client: httpx.A
     )
     assert (batcher.batches, batcher.calls) == (1, 1)
     assert answer["outcome"] == "token_revoked"  # no such token: refused, nothing written
+
+
+async def test_closing_waits_for_the_batches_still_out(db_url: str, settings: Settings) -> None:
+    """A batch answers its callers before it gives its connection back: `aclose` waits for that, so the
+    engine is disposed of with nothing checked out (else an unclosed connection outlives the app)."""
+    engine = make_engine(db_url, settings)
+    try:
+        batcher = RedeemBatcher(engine, batch_max=10, in_flight_max=2, on_error=invalidate_if_lost)
+        calls = [
+            _args(
+                "vch_" + "0" * 24, f"no-such-jti-{i}", "ent_none", f"X{i}", request_hash=hashlib.sha256(b"x").digest()
+            )
+            for i in range(6)
+        ]
+        callers = [asyncio.create_task(batcher.call(args)) for args in calls]
+        await asyncio.sleep(0)  # the calls are queued, their batches on their way
+        await batcher.aclose()
+        # every batch was sent, answered and gave its connection back before aclose returned
+        assert batcher.calls == 6
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert {(await caller)["outcome"] for caller in callers} == {"token_revoked"}
+    finally:
+        await engine.dispose()

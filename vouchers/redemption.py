@@ -827,6 +827,13 @@ class RedeemBatcher:
             task.add_done_callback(self._tasks.discard)
         return await future
 
+    async def aclose(self) -> None:
+        """Wait for the batches still out (their callers may already have their answers: a batch answers
+        before it gives its connection back), so that the engine can be disposed of with nothing checked
+        out."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def _drain(self) -> None:
         try:
             while self._pending:

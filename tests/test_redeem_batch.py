@@ -75,9 +75,12 @@ async def test_concurrent_redemptions_share_statements_and_each_is_answered_as_i
     for (idempotency_key, _t, _i), answer in zip(requests, answers, strict=True):
         by_key.setdefault(idempotency_key, []).append(answer)
     assert len({a.text for a in by_key["k-0-0"]}) == 1  # the replay is the first answer, byte for byte
-    twins = sorted((by_key["k-twin"][0], by_key["k-1-0"][0]), key=lambda a: a.status_code)
-    assert twins[0].status_code == 201, twins[0].text  # one of the two invoices is paid, the other refused
-    assert twins[1].status_code == 409 and "INV-1-0 was already redeemed" in twins[1].json()["detail"], twins[1].text
+    twin, first = by_key["k-twin"][0], by_key["k-1-0"][0]
+    assert sorted((twin.status_code, first.status_code)) == [201, 409], (twin.text, first.text)
+    if twin.status_code == 409:  # its voucher has plenty left: only the invoice can refuse it
+        assert "INV-1-0 was already redeemed" in twin.json()["detail"], twin.text
+    else:  # the first of voucher 1's twelve may also have come after its balance ran out
+        assert first.json()["code"] in ("conflict", "voucher_exhausted"), first.text
     for v in range(3):
         mine = [by_key[f"k-{v}-{i}"][0] for i in range(12)]
         paid = [a for a in mine if a.status_code == 201]

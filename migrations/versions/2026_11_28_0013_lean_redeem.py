@@ -25,6 +25,13 @@ same rows read, locked and written:
    and in one currency at commit, and the posting trigger that postings come with their entry;
 4. the redemption row and the stored answer are one statement.
 
+Every row the function reads it finds by a unique key (the stored answer, the token, the voucher, the
+accounts by code, the invoice at the provider), so it runs with `enable_seqscan = off`: its generic plans
+are made once per connection, and a plan made while a table was small (right after a deployment, or the
+bench's ANALYZE before any redemption) chose sequential scans of `redemption` and `idempotency_record`
+and kept them as the tables grew (pg_stat_user_tables: a scan of every redemption per redemption, and
+PostgreSQL at 2.5 ms of CPU a redemption in bench/redeem_load.py).
+
 Measured with pgbench on a seeded database (bench/redeem_load.py's `REDEEM_SQL`, 2-core machine): one
 client, commits asynchronous, 0.82 ms of PostgreSQL per call against 1.3 ms; 32 clients, durable commits,
 1,320 calls/s against 870.
@@ -70,7 +77,8 @@ CREATE OR REPLACE FUNCTION voucher_redeem(
 )
 RETURNS TABLE (outcome text, status_code integer, body text, detail text)
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan AS $$
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off AS $$
 DECLARE
     v_lock bigint := hashtextextended('idempotency:' || p_caller || ':' || p_key, 0);
     v_saved_timeout text;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,22 @@ def execute_script(bind: Connection, sql: str) -> None:
     command; PL/pgSQL bodies make splitting on ';' wrong)."""
     driver_connection: Any = bind.connection.dbapi_connection.driver_connection  # type: ignore[union-attr]
     await_only(driver_connection.execute(sql))
+
+
+def function_of(migration: Path, name: str) -> str:
+    """`CREATE OR REPLACE FUNCTION name(...) ... END $$;` exactly as `migration` (a file of migrations/
+    versions) created it in its UPGRADE script: for a downgrade that restores an earlier body, read from
+    the migration that wrote it rather than copied."""
+    spec = importlib.util.spec_from_file_location(f"migration_{migration.stem}", migration)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    script: str = module.UPGRADE
+    start = script.index(f"FUNCTION {name}(")
+    start = script.rindex("CREATE", 0, start)
+    end = script.index("END $$;", start) + len("END $$;")
+    body = script[start:end]
+    return body if body.startswith("CREATE OR REPLACE") else body.replace("CREATE", "CREATE OR REPLACE", 1)
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -37,22 +37,25 @@ async def fetchrow_alone(conn: AsyncConnection, sql: str, *args: Any) -> Any:
     trip) on the connection under `conn`, which must not be in a transaction; the first row, as an asyncpg
     Record. For a command written as one database function: it commits when the statement returns, or
     nothing of it does."""
-    if conn.in_transaction():
-        raise RuntimeError("fetchrow_alone runs a statement as its own transaction: end the open one first")
-    raw = await conn.get_raw_connection()
-    adapter: Any = raw.dbapi_connection
-    assert adapter._transaction is None, "the connection's driver holds a transaction SQLAlchemy does not know"
+    adapter = await _outside_transaction(conn)
     async with adapter._execute_mutex:
         return await adapter._connection.fetchrow(sql, *args)
 
 
 async def fetch_alone(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:
     """`fetchrow_alone`, answering every row: one statement as a transaction of its own."""
-    if conn.in_transaction():
-        raise RuntimeError("fetch_alone runs a statement as its own transaction: end the open one first")
-    raw = await conn.get_raw_connection()
-    adapter: Any = raw.dbapi_connection
-    assert adapter._transaction is None, "the connection's driver holds a transaction SQLAlchemy does not know"
+    adapter = await _outside_transaction(conn)
     async with adapter._execute_mutex:
         rows: list[Any] = await adapter._connection.fetch(sql, *args)
         return rows
+
+
+async def _outside_transaction(conn: AsyncConnection) -> Any:
+    """The asyncpg adapter under `conn`, which must not be in a transaction (a statement sent on it is
+    then its own)."""
+    if conn.in_transaction():
+        raise RuntimeError("a statement alone runs as its own transaction: end the open one first")
+    raw = await conn.get_raw_connection()
+    adapter: Any = raw.dbapi_connection
+    assert adapter._transaction is None, "the connection's driver holds a transaction SQLAlchemy does not know"
+    return adapter

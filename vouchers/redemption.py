@@ -899,6 +899,12 @@ class _Reads:
             self._conn = await self._engine.connect()
         return self._conn
 
+    async def __aenter__(self) -> _Reads:
+        return self
+
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        await self.close(exc)
+
     async def close(self, exc: BaseException | None = None) -> None:
         """Give the connection back: its reads' transaction ended, or, after `exc`, invalidated when `exc`
         says it is lost."""
@@ -940,125 +946,80 @@ async def redeem_at_once(
     Connections come from `engine`: one for the reads of a first use, given back before the redemption's
     statement, which `batcher` sends (or, without one, a connection of its own). `on_error(conn, exc)`
     invalidates a connection that `exc` says is lost."""
-    reads = _Reads(engine, on_error)
-    try:
-        return await _redeem_at_once(
-            engine,
-            reads,
-            keyring=keyring,
-            catalog=catalog,
-            thresholds=thresholds,
-            cache=cache,
-            caller_key_id=caller_key_id,
-            idempotency_key=idempotency_key,
-            route=route,
-            request_hash=request_hash,
-            token=token,
-            provider_entity_id=provider_entity_id,
-            invoice_no=invoice_no,
-            lines=lines,
-            now=now,
-            batcher=batcher,
-        )
-    except BaseException as exc:
-        await reads.close(exc)
-        raise
-    finally:
-        await reads.close()
-
-
-async def _redeem_at_once(
-    engine: AsyncEngine,
-    reads: _Reads,
-    *,
-    keyring: KeyRing,
-    catalog: Catalog,
-    thresholds: Thresholds,
-    cache: RedeemableCache,
-    caller_key_id: str,
-    idempotency_key: str,
-    route: str,
-    request_hash: bytes,
-    token: str,
-    provider_entity_id: str,
-    invoice_no: str,
-    lines: Sequence[Line],
-    now: datetime,
-    batcher: RedeemBatcher | None,
-) -> Outcome:
-    terms = await _redeemable(reads, keyring, cache, token, provider_entity_id, now)
-    program = catalog.for_year(terms.program, terms.year)
-    owed = _subsidy(program, terms.rate_bp, lines)
-    voucher_id, jti = terms.token.voucher_id, terms.token.jti
-    redemption_id = new_id("rdm_")
-    memo = f"{program.code}: redemption {redemption_id} of voucher {voucher_id}, invoice {invoice_no}"
-    metadata = {"voucher": voucher_id, "provider": provider_entity_id, "invoice": invoice_no}
-    check_memo_and_metadata(memo, metadata)
-    line_documents = [_line(line) for line in lines]
-    response = {
-        "id": redemption_id,
-        "voucher_id": voucher_id,
-        "provider_entity_id": provider_entity_id,
-        "invoice_no": invoice_no,
-        "eligible_fen": owed.eligible_fen,
-        "excluded": owed.excluded,
-        "lines": line_documents,
-        "refunded_fen": 0,
-        "reversed_at": None,
-        "hold_id": None,
-    }
-    for attempt in range(1, _ATTEMPTS_MAX + 1):
-        refusal, version = await _policy_refusal(
-            engine, reads, program, terms, provider_entity_id, owed, invoice_no, thresholds, now, reload=attempt > 1
-        )
-        args = (
-            caller_key_id,
-            idempotency_key,
-            route,
-            request_hash,
-            jti,
-            terms.token.max_amount_fen is not None,
-            voucher_id,
-            voucher_account(voucher_id),
-            payable_account(provider_entity_id),
-            provider_entity_id,
-            invoice_no,
-            refusal is not None,
-            version,
-            owed.subsidy_fen,
-            sum(line.amount_fen for line in lines),
-            owed.eligible_fen,
-            redemption_id,
-            json.dumps(line_documents, ensure_ascii=False),
-            json.dumps(owed.excluded, ensure_ascii=False),
-            memo,
-            json.dumps(metadata, sort_keys=True, ensure_ascii=False),
-            json.dumps(response, ensure_ascii=False),
-        )
-        try:
-            if batcher is not None:
-                await reads.close()
-                row = await batcher.call(args)
-            else:
-                conn = await reads.conn()
-                if conn.in_transaction():
-                    await conn.commit()  # the reads above: the function's statement is a transaction of its own
-                row = await driver.fetchrow_alone(conn, _REDEEM, *args)
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name in _TWIN_COMMITTED_FIRST and attempt < _ATTEMPTS_MAX:
-                continue  # a twin committed first: the next call answers its stored answer or the invoice
-            raise
-        outcome: str = row["outcome"]
-        if outcome in ("created", "replayed"):
-            return Outcome("answer", int(row["status_code"]), row["body"])
-        if outcome == "stale_affiliations" and attempt < _ATTEMPTS_MAX:
-            continue
-        if outcome == "key_reused":
-            return Outcome("key_reused")
-        if outcome == "in_progress":
-            return Outcome("in_progress")
-        raise _refusal(outcome, row["detail"], refusal, terms, invoice_no, provider_entity_id)
-    raise AssertionError("unreachable: the last attempt answers or raises")
+    async with _Reads(engine, on_error) as reads:
+        terms = await _redeemable(reads, keyring, cache, token, provider_entity_id, now)
+        program = catalog.for_year(terms.program, terms.year)
+        owed = _subsidy(program, terms.rate_bp, lines)
+        voucher_id, jti = terms.token.voucher_id, terms.token.jti
+        redemption_id = new_id("rdm_")
+        memo = f"{program.code}: redemption {redemption_id} of voucher {voucher_id}, invoice {invoice_no}"
+        metadata = {"voucher": voucher_id, "provider": provider_entity_id, "invoice": invoice_no}
+        check_memo_and_metadata(memo, metadata)
+        line_documents = [_line(line) for line in lines]
+        response = {
+            "id": redemption_id,
+            "voucher_id": voucher_id,
+            "provider_entity_id": provider_entity_id,
+            "invoice_no": invoice_no,
+            "eligible_fen": owed.eligible_fen,
+            "excluded": owed.excluded,
+            "lines": line_documents,
+            "refunded_fen": 0,
+            "reversed_at": None,
+            "hold_id": None,
+        }
+        for attempt in range(1, _ATTEMPTS_MAX + 1):
+            refusal, version = await _policy_refusal(
+                engine, reads, program, terms, provider_entity_id, owed, invoice_no, thresholds, now, reload=attempt > 1
+            )
+            args = (
+                caller_key_id,
+                idempotency_key,
+                route,
+                request_hash,
+                jti,
+                terms.token.max_amount_fen is not None,
+                voucher_id,
+                voucher_account(voucher_id),
+                payable_account(provider_entity_id),
+                provider_entity_id,
+                invoice_no,
+                refusal is not None,
+                version,
+                owed.subsidy_fen,
+                sum(line.amount_fen for line in lines),
+                owed.eligible_fen,
+                redemption_id,
+                json.dumps(line_documents, ensure_ascii=False),
+                json.dumps(owed.excluded, ensure_ascii=False),
+                memo,
+                json.dumps(metadata, sort_keys=True, ensure_ascii=False),
+                json.dumps(response, ensure_ascii=False),
+            )
+            try:
+                if batcher is not None:
+                    await reads.close()
+                    row = await batcher.call(args)
+                else:
+                    conn = await reads.conn()
+                    if conn.in_transaction():
+                        await conn.commit()  # the reads above: the function's statement is a transaction of its own
+                    row = await driver.fetchrow_alone(conn, _REDEEM, *args)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name in _TWIN_COMMITTED_FIRST and attempt < _ATTEMPTS_MAX:
+                    continue  # a twin committed first: the next call answers its stored answer or the invoice
+                raise
+            outcome: str = row["outcome"]
+            if outcome in ("created", "replayed"):
+                return Outcome("answer", int(row["status_code"]), row["body"])
+            if outcome == "stale_affiliations" and attempt < _ATTEMPTS_MAX:
+                continue
+            if outcome == "key_reused":
+                return Outcome("key_reused")
+            if outcome == "in_progress":
+                return Outcome("in_progress")
+            raise _refusal(outcome, row["detail"], refusal, terms, invoice_no, provider_entity_id)
+        raise AssertionError("unreachable: the last attempt answers or raises")
 
 
 def _refusal(

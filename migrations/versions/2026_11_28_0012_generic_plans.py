@@ -18,13 +18,12 @@ large the table grows (without it the generic plan of the balance UPDATE was a s
 account checks are one statement instead of two. Nothing else changes.
 """
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import op
 
-from app.migrate import execute_script
+from app.migrate import execute_script, function_of
 
 revision: str = "0012"
 down_revision: str | None = "0011"
@@ -230,22 +229,12 @@ ALTER FUNCTION voucher_redeem(text, text, text, bytea, text, boolean, text, text
 """
 
 
-def _ledger_post_of_0001() -> str:
-    """`ledger_post` exactly as migration 0001 created it (read from that migration, not copied here)."""
-    path = Path(__file__).with_name("2026_11_28_0001_ledger_core.py")
-    spec = importlib.util.spec_from_file_location("migration_0001", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    script: str = module.UPGRADE
-    start = script.index("CREATE FUNCTION ledger_post(")
-    end = script.index("END $$;", start) + len("END $$;")
-    return script[start:end].replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-
-
 def upgrade() -> None:
     execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    execute_script(op.get_bind(), DOWNGRADE_PLANS + _ledger_post_of_0001())
+    execute_script(
+        op.get_bind(),
+        DOWNGRADE_PLANS + function_of(Path(__file__).with_name("2026_11_28_0001_ledger_core.py"), "ledger_post"),
+    )

@@ -37,13 +37,12 @@ client, commits asynchronous, 0.82 ms of PostgreSQL per call against 1.3 ms; 32 
 1,320 calls/s against 870.
 """
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import op
 
-from app.migrate import execute_script
+from app.migrate import execute_script, function_of
 
 revision: str = "0013"
 down_revision: str | None = "0012"
@@ -263,24 +262,13 @@ ALTER FUNCTION voucher_redeem(text, text, text, bytea, text, boolean, text, text
 """
 
 
-def _redeem_of(migration: str) -> str:
-    """`voucher_redeem` exactly as an earlier migration created it (read from that migration, not copied)."""
-    path = Path(__file__).with_name(migration)
-    spec = importlib.util.spec_from_file_location(f"migration_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    script: str = module.UPGRADE
-    start = script.index("CREATE FUNCTION voucher_redeem(")
-    end = script.index("END $$;", start) + len("END $$;")
-    return script[start:end].replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-
-
 def upgrade() -> None:
     execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
     # 0011's body, with 0012's generic plans
-    execute_script(op.get_bind(), _redeem_of("2026_11_28_0011_redeem_function.py"))
+    execute_script(
+        op.get_bind(), function_of(Path(__file__).with_name("2026_11_28_0011_redeem_function.py"), "voucher_redeem")
+    )
     execute_script(op.get_bind(), GENERIC_PLANS)

@@ -813,7 +813,7 @@ class RedeemBatcher:
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # statements sent, and redemptions in them: for tests and the bench
+        self.batches = 0  # statements sent, and redemptions in them: for tests
         self.calls = 0
 
     async def call(self, args: tuple[Any, ...]) -> Any:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ledger import chain
+from ledger import chain, driver
 from ledger.errors import (
     AccountExists,
     AccountNotFound,
@@ -24,7 +26,7 @@ from ledger.errors import (
     PendingResolved,
 )
 from ledger.postings import Posting, credit, debit
-from ledger.service import Ledger, run_in_transaction, sqlstate
+from ledger.service import _UNSEALED, Ledger, run_in_transaction, sqlstate
 from tests.ledger_support import open_accounts, unique
 
 
@@ -351,6 +353,34 @@ async def test_chain_seals_verifies_and_detects_tampering(engine: AsyncEngine, l
     assert chain.verify([document], sealed.prev_hash, sealed.chain_seq).ok
     document["postings"][0]["amount_fen"] += 1  # type: ignore[index]
     assert not chain.verify([document], sealed.prev_hash, sealed.chain_seq).ok
+
+
+async def test_the_sealer_reads_each_queued_entry_by_its_id_whatever_the_planner_prefers(
+    engine: AsyncEngine, ledger: Ledger
+) -> None:
+    """A fresh database's first burst made the sealer's read a merge join over the whole journal's index, so
+    every batch cost more as the journal grew. With joins other than a nested loop preferred (as stale
+    statistics made them), the read still fetches each queued entry by its id and reads no other."""
+    acc = await open_accounts(engine, ledger, {"a": None, "b": None})
+    await fund(engine, ledger, acc["a"].code, acc["b"].code, 1)
+    async with engine.connect() as conn:
+        await conn.execute(text("SET LOCAL enable_nestloop = off"))
+        await conn.execute(text("SET LOCAL enable_hashjoin = off"))
+        plan = await driver.fetchrow(conn, "EXPLAIN (FORMAT JSON) " + _UNSEALED.replace("$1", "1000"))
+        await conn.rollback()
+
+    def entry_reads(node: dict[str, Any]) -> list[dict[str, Any]]:
+        here = [node] if node.get("Relation Name") == "ledger_entry" else []
+        return here + [read for child in node.get("Plans", []) for read in entry_reads(child)]
+
+    document = plan[0] if isinstance(plan[0], list) else json.loads(plan[0])
+    reads = entry_reads(document[0]["Plan"])
+    assert reads, "the plan reads no entry"
+    for read in reads:
+        assert read["Node Type"] in {"Index Scan", "Index Only Scan"}, read["Node Type"]
+        assert read["Index Name"] == "ledger_entry_pkey"
+        condition = read["Index Cond"].replace("(", "").replace(")", "").removeprefix("e.")
+        assert condition == "id = ledger_unsealed.entry_id", condition
 
 
 async def test_point_in_time_balances(engine: AsyncEngine, ledger: Ledger) -> None:

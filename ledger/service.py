@@ -16,7 +16,7 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -235,25 +235,19 @@ _SUMS = """
 
 _LIMITED = "(a.debits_must_not_exceed_credits OR a.credits_must_not_exceed_debits)"
 
-# The sealer's read: the oldest queued entries, each with what its chain document holds (ledger.chain), the
-# postings as chain documents in posting order. Each entry is fetched by its id in a subquery of its own:
-# OFFSET 0 keeps the planner from folding it into a join. Folded, as the read was written before, it was a
-# merge join whenever the statistics put many rows in the queue (a queue table bloated by a burst, analyzed
-# then), and a merge join walks the journal's index from its first entry: an EXPLAIN ANALYZE taken during a
-# load read 87,783 index entries in 78 ms to seal 169, so sealing cost more the longer the journal. Looked
-# up by id, a batch costs the same whatever the journal's length or the statistics.
-_UNSEALED = """
+# The sealer's read: the oldest queued entries, as `_ENTRY_COLUMNS` gives them (not yet sealed, so no seal
+# columns). Each entry is fetched by its id in a subquery of its own: OFFSET 0 keeps the planner from
+# folding it into a join. Folded, as the read was written before, it was a merge join whenever the
+# statistics put many rows in the queue (a queue table bloated by a burst, analyzed then), and a merge join
+# walks the journal's index from its first entry: an EXPLAIN ANALYZE taken during a load read 87,783 index
+# entries in 78 ms to seal 169, so sealing cost more the longer the journal. Looked up by id, a batch costs
+# the same whatever the journal's length or the statistics.
+_UNSEALED = f"""
     SELECT e.*
       FROM (SELECT entry_id FROM ledger_unsealed ORDER BY entry_id LIMIT $1) u
      CROSS JOIN LATERAL (
-           SELECT e.id, e.kind, e.idempotency_key, e.pending_entry_id, e.reverses_entry_id, e.expires_at, e.memo,
-                  e.metadata::text AS metadata, e.created_at,
-                  (SELECT coalesce(json_agg(json_build_object('account', a.code, 'direction', p.direction,
-                                                              'phase', p.phase, 'amount_fen', p.amount)
-                                            ORDER BY p.seq), '[]')
-                     FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id
-                    WHERE p.entry_id = e.id)::text AS postings
-             FROM ledger_entry e
+           SELECT {_ENTRY_COLUMNS}
+             FROM ledger_entry e LEFT JOIN ledger_seal s ON false
             WHERE e.id = u.entry_id
            OFFSET 0) e
      ORDER BY u.entry_id
@@ -682,11 +676,7 @@ class Ledger:
         ids, seqs, prevs, hashes = [], [], [], []
         for row in rows:
             seq += 1
-            document = dict(row.items())
-            document["chain_seq"] = seq
-            document["metadata"] = json.loads(row["metadata"])
-            document["postings"] = json.loads(row["postings"])
-            digest = chain.link_hash(prev, document)
+            digest = chain.link_hash(prev, _chain_document(row, seq))
             ids.append(row["id"])
             seqs.append(seq)
             prevs.append(prev)
@@ -724,13 +714,10 @@ class Ledger:
             ).all()
             if not rows:
                 break
-            documents = []
-            for row in rows:
-                entry = _entry_from_row(row)
-                assert entry.chain_seq is not None
-                documents.append(
-                    {**_chain_document(entry, entry.chain_seq), "prev_hash": entry.prev_hash, "hash": entry.hash}
-                )
+            documents = [
+                {**_chain_document(row._mapping, row.chain_seq), "prev_hash": row.prev_hash, "hash": row.hash}
+                for row in rows
+            ]
             report = chain.verify(documents, start_hash=prev, start_seq=seq)
             total += report.entries
             if not report.ok:
@@ -875,21 +862,22 @@ class Ledger:
         return [row.code for row in rows]
 
 
-def _chain_document(entry: Entry, chain_seq: int) -> dict[str, Any]:
+def _chain_document(row: Mapping[Any, Any], chain_seq: int) -> dict[str, Any]:
+    """What `ledger.chain` hashes of an entry, from a row as `_ENTRY_COLUMNS` gives it."""
     return {
         "chain_seq": chain_seq,
-        "id": entry.id,
-        "kind": entry.kind,
-        "idempotency_key": entry.idempotency_key,
-        "pending_entry_id": entry.pending_entry_id,
-        "reverses_entry_id": entry.reverses_entry_id,
-        "expires_at": entry.expires_at,
-        "memo": entry.memo,
-        "metadata": entry.metadata,
-        "created_at": entry.created_at,
+        "id": row["id"],
+        "kind": row["kind"],
+        "idempotency_key": row["idempotency_key"],
+        "pending_entry_id": row["pending_entry_id"],
+        "reverses_entry_id": row["reverses_entry_id"],
+        "expires_at": row["expires_at"],
+        "memo": row["memo"],
+        "metadata": json.loads(row["metadata"]),
+        "created_at": row["created_at"],
         "postings": [
-            {"account": p.account, "direction": p.direction, "phase": p.phase, "amount_fen": p.amount_fen}
-            for p in entry.postings
+            {"account": account, "direction": direction, "phase": phase, "amount_fen": amount}
+            for account, direction, phase, amount in json.loads(row["postings"] or "[]")
         ],
     }
 

@@ -7,7 +7,8 @@ permissions, lookups) are `ProblemError`s and carry their own status and code. A
 reached or drops the connection (`app.db.connection_lost`: SQLAlchemy's wrappers and raw asyncpg errors
 alike) is `503 service_unavailable` with `Retry-After`, and one warning line (no stack trace, nothing of the
 request) at most every `UNAVAILABLE_LOG_INTERVAL_S` per process. Anything else is a bug: a `500
-internal_error` with a generic detail, and a log line with the stack trace.
+internal_error` with a generic detail, and a log line with the stack trace (for a RecursionError, one line
+naming its innermost frames).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -32,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import connection_lost
 from app.idempotency import IdempotencyKeyReused, RequestInProgress
+from app.json_depth import BodyTooDeep, JsonDepthLimitMiddleware
 from ledger import errors as ledger_errors
 from vouchers import applications, notices, redemption
 from vouchers.affiliations import AffiliationAlreadyEnded, AffiliationNotFound, InvalidAffiliation, UnknownEntity
@@ -354,6 +357,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         # no operation documents a 400, and malformed input is a 422 (API.md), as a body that is not JSON is
         errors = [{"loc": ["body"], "msg": _NOT_UTF8, "type": "json_invalid"}]
         return problem_response(422, "validation_error", _NOT_UTF8, extra={"errors": errors})
+    if isinstance(exc, BodyTooDeep):  # app.json_depth, raised while the body is read, before it is parsed
+        return problem_response(422, "validation_error", str(detail), extra={"errors": exc.errors})
     if status == 405:
         allowed = _allowed_methods(request) or headers.get("Allow", "")
         if allowed:
@@ -447,10 +452,37 @@ def _internal_error_response() -> JSONResponse:
     return problem_response(500, "internal_error", _GENERIC_DETAILS[500])
 
 
+# innermost frames named in the one line logged for a RecursionError
+_RECURSION_FRAMES_LOGGED = 6
+
+
+def _recursion_in(exc: BaseException) -> RecursionError | None:
+    """The RecursionError `exc` is or was raised from or while handling, if any."""
+    inner: BaseException | None = exc
+    for _ in range(8):
+        if inner is None or isinstance(inner, RecursionError):
+            return inner
+        inner = inner.__cause__ or inner.__context__
+    return None
+
+
+def _log_unhandled(where: str, exc: BaseException) -> None:
+    """One log record per unhandled error, with its stack trace; for a RecursionError (in it, or in its
+    cause), whose trace repeats the same frames a thousand times, one line naming the innermost few."""
+    recursion = _recursion_in(exc)
+    if recursion is None:
+        log.error("unhandled error in %s", where, exc_info=exc)
+        return
+    frames = traceback.extract_tb(recursion.__traceback__)[-_RECURSION_FRAMES_LOGGED:]
+    innermost = " < ".join(f"{frame.name} ({frame.filename}:{frame.lineno})" for frame in reversed(frames))
+    name = type(exc).__name__ if recursion is exc else f"{type(exc).__name__} after a RecursionError"
+    log.error("unhandled error in %s: %s, innermost frames: %s", where, name, innermost or "none")
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     if connection_lost(exc):
         return database_unavailable_response(f"{request.method} {request.url.path}", exc)
-    log.error("unhandled error", exc_info=exc)
+    _log_unhandled(f"{request.method} {request.url.path}", exc)
     return _internal_error_response()
 
 
@@ -460,7 +492,7 @@ def unhandled_response(where: str, exc: Exception) -> JSONResponse:
     stack trace."""
     if connection_lost(exc):
         return database_unavailable_response(where, exc)
-    log.error("unhandled error in %s", where, exc_info=exc)
+    _log_unhandled(where, exc)
     return _internal_error_response()
 
 
@@ -566,4 +598,5 @@ def install_error_handlers(app: FastAPI, *, max_body_size: int) -> None:
     app.add_exception_handler(PoolTimeoutError, _pool_timeout)
     app.add_exception_handler(Exception, _unhandled)
     app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(JsonDepthLimitMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_size=max_body_size)

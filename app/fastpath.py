@@ -12,9 +12,10 @@ It answers a request only when all of these hold, in this order, each checked th
 - `Authorization: Bearer <key>`, an `Idempotency-Key` of 1 to 255 characters, a JSON content type
   (`application/json` or `application/*+json`, as FastAPI reads a body as JSON), and no Content-Length
   over the body limit; none of these headers sent twice;
-- a body within the limit that `RedemptionIn.model_validate_json` accepts (the NUL check included: it is
-  the model's own). Whatever that rejects and FastAPI's `json.loads` might take (a byte-order mark, UTF-16)
-  is deferred; whatever it accepts, `json.loads` and the model take alike;
+- a body within the limit, nested no deeper than the app takes (`app.json_depth`), that
+  `RedemptionIn.model_validate_json` accepts (the NUL check included: it is the model's own). Whatever
+  that rejects and FastAPI's `json.loads` might take (a byte-order mark, UTF-16) is deferred; whatever it
+  accepts, `json.loads` and the model take alike;
 - a key the authenticator has cached (`ApiKeyAuthenticator.cached`, no database), of a provider.
 
 Anything else (no or unknown key, another role, a missing or bad header or body, a body too large, a
@@ -43,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.apikeys import Role
 from app.errors import Unauthorized, route_error_response
 from app.idempotency import KEY_LENGTH_MAX
+from app.json_depth import nesting_exceeds
 from app.metrics import observe_request
 from app.ratelimit import app_limiter
 from app.routers.redemptions import RedemptionIn, redemption_answer
@@ -104,7 +106,7 @@ class RedemptionFastPath:
         credentials, key = headers
         read: list[Message] = []
         body = await self._body(receive, read)
-        if body is None:
+        if body is None or nesting_exceeds(body):
             await self.app(scope, _replaying(read, receive), send)
             return
         try:

@@ -46,19 +46,27 @@ _CLOSED_MESSAGES = ("connection is closed", "connection was closed")
 _CHAIN_MAX = 8
 
 
-def make_engine(url: str, settings: Settings) -> AsyncEngine:
+def make_engine(url: str, settings: Settings, *, exports: bool = False) -> AsyncEngine:
+    """The request pool; with `exports`, the journal exports' own small pool (`VL_EXPORT_DB_POOL_SIZE`, no
+    overflow), whose statements PostgreSQL cancels after `VL_EXPORT_STATEMENT_TIMEOUT_S`: a long export
+    never takes a connection from redemptions, nor runs a statement without end."""
     if not url.startswith("postgresql+asyncpg://"):
         raise ValueError("DATABASE_URL must be a postgresql+asyncpg:// URL")
+    server_settings = {"application_name": "voucher-ledger", "timezone": "UTC"}
+    pool_size, max_overflow = settings.db_pool_size, settings.db_max_overflow
+    if exports:
+        pool_size, max_overflow = settings.export_db_pool_size, 0
+        server_settings |= {
+            "application_name": "voucher-ledger export",
+            "statement_timeout": str(max(1, round(settings.export_statement_timeout_s * 1000))),
+        }
     engine = create_async_engine(
         url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
         pool_timeout=settings.db_pool_timeout_s,
         # Durable commits are the contract (a 2xx means committed): never turn synchronous_commit off.
-        connect_args={
-            "timeout": CONNECT_TIMEOUT_S,
-            "server_settings": {"application_name": "voucher-ledger", "timezone": "UTC"},
-        },
+        connect_args={"timeout": CONNECT_TIMEOUT_S, "server_settings": server_settings},
     )
     event.listen(engine.sync_engine, "checkout", _replace_closed)
     return engine

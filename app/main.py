@@ -22,6 +22,7 @@ from app.background import run_background
 from app.db import invalidate_if_lost, make_engine
 from app.embedded import start_embedded
 from app.errors import install_error_handlers
+from app.export_slots import ExportSlots
 from app.fastpath import RedemptionFastPath
 from app.log import configure_logging
 from app.metrics import LEDGER_ENTRIES_POSTED, MetricsMiddleware
@@ -118,11 +119,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         url = settings.database_url
     engine = make_engine(url, settings)
+    export_engine = make_engine(url, settings, exports=True)  # exports never take the request pool's connections
     authenticator = ApiKeyAuthenticator(engine, cache_ttl_s=settings.api_key_cache_ttl_s)
     background: asyncio.Task[None] | None = None
     app.state.engine = engine
     app.state.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
     app.state.api_keys = authenticator
+    app.state.export_slots = ExportSlots(
+        export_engine, slots_max=settings.exports_concurrent_max, connections_max=settings.export_db_pool_size
+    )
     app.state.background = None
     try:
         app.state.ledger = Ledger(on_sealed=lambda kind: LEDGER_ENTRIES_POSTED.labels(kind=kind).inc())
@@ -152,6 +157,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if batcher is not None:
             await batcher.aclose()
         await engine.dispose()
+        await export_engine.dispose()
         if server is not None:
             await asyncio.to_thread(server.cleanup)
 

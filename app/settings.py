@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=256)
     # the largest stretch of the hash chain one journal export may cover (app/routers/exports.py)
     export_entries_max: int = Field(default=5_000_000, ge=1, le=1_000_000_000)
+    # journal exports running at once in the whole service, held in PostgreSQL (app/export_slots.py): each
+    # holds a connection, a snapshot and most of a core for seconds to minutes
+    exports_concurrent_max: int = Field(
+        default=2, ge=1, le=64, description="journal exports streaming at once, across every process and host"
+    )
+    # exports read on connections of their own, never the request pool's: this many per process, at most
+    export_db_pool_size: int = Field(
+        default=2, ge=1, le=64, description="database connections for exports, per process"
+    )
+    export_statement_timeout_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="PostgreSQL statement_timeout on export connections"
+    )
 
     @field_validator("rate_limits", mode="after")
     @classmethod

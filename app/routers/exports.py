@@ -26,28 +26,36 @@ rate_limited` from app/ratelimit.py), so an export is never cut short by its own
   starts; the rows are then read in their own snapshot, which holds all of them (the sealed chain only
   grows at its end).
 - Each key may start `VL_RATE_LIMITS`' `export` allowance (default 6 a minute, a burst of 5).
+- The whole service runs at most `VL_EXPORTS_CONCURRENT_MAX` exports at once (default 2), whatever the
+  keys: slots held in PostgreSQL (app/export_slots.py), taken before anything is read, else `429
+  rate_limited` with `Retry-After`. The export reads on a connection of the exports' own small pool, never
+  the request pool, and each of its statements is cancelled after `VL_EXPORT_STATEMENT_TIMEOUT_S` (before
+  the response starts, a `503 service_unavailable`; later, the stream is cut and the manifest is missing).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.dependencies import AdminOrAuditorCaller, SettingsDep
-from app.errors import ValidationFailed, problem_responses
+from app.errors import ServiceUnavailable, ValidationFailed, problem_responses
+from app.export_slots import ExportResponse, ExportSlots
 from app.ratelimit import ExportRate
 from app.schemas import Rfc3339Time
 from ledger import chain, export
 from ledger.service import _ENTRY_COLUMNS
 from vouchers.keys import KeyRing
 
-router = APIRouter(prefix="/exports", tags=["exports"], responses=problem_responses(401, 403, 422, 429))
+router = APIRouter(prefix="/exports", tags=["exports"], responses=problem_responses(401, 403, 422, 429, 503))
 
 BATCH_ROWS = 1_000
 MEDIA_TYPES = {
@@ -131,10 +139,26 @@ def _stamp(moment: datetime | None, default: str) -> str:
     return default if moment is None else moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-async def _rows(engine: AsyncEngine, params: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+# PostgreSQL's SQLSTATE for a statement cancelled by statement_timeout (or a cancel request)
+_QUERY_CANCELED = "57014"
+
+
+@asynccontextmanager
+async def _connection(source: AsyncEngine | AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    if isinstance(source, AsyncConnection):
+        yield source
+    else:
+        async with source.connect() as conn:
+            yield conn
+
+
+async def _rows(
+    source: AsyncEngine | AsyncConnection, params: dict[str, Any]
+) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Batches of sealed entries in chain order, from one snapshot, through a server-side cursor."""
-    async for batch in _batches(engine, params, _ROWS):
-        yield [export.entry_record(dict(row._mapping)) for row in batch]
+    async with _connection(source) as conn, aclosing(_batches(conn, params, _ROWS)) as batches:
+        async for batch in batches:
+            yield [export.entry_record(dict(row._mapping)) for row in batch]
 
 
 async def _stretch(conn: AsyncConnection, from_ts: datetime | None, to_ts: datetime | None) -> tuple[int, int] | None:
@@ -146,26 +170,25 @@ async def _stretch(conn: AsyncConnection, from_ts: datetime | None, to_ts: datet
     return int(lo), int(hi)
 
 
-async def _batches(engine: AsyncEngine, params: dict[str, Any], query: str) -> AsyncIterator[Sequence[Any]]:
+async def _batches(conn: AsyncConnection, params: dict[str, Any], query: str) -> AsyncGenerator[Sequence[Any], None]:
     """`params["stretch"]`, when given, is the route's, found before the response started."""
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="REPEATABLE READ")
-        async with conn.begin():
-            if "stretch" in params:
-                stretch = params["stretch"]
-            else:
-                stretch = await _stretch(conn, params["from_ts"], params["to_ts"])
-            if stretch is None:
-                return
-            lo, hi = stretch
-            binds = {name: value for name, value in params.items() if name != "stretch"}
-            result = await conn.stream(text(query), {**binds, "lo": lo, "hi": hi})
-            async for batch in result.partitions(BATCH_ROWS):
-                yield batch
+    await conn.execution_options(isolation_level="REPEATABLE READ")
+    async with conn.begin():
+        if "stretch" in params:
+            stretch = params["stretch"]
+        else:
+            stretch = await _stretch(conn, params["from_ts"], params["to_ts"])
+        if stretch is None:
+            return
+        lo, hi = stretch
+        binds = {name: value for name, value in params.items() if name != "stretch"}
+        result = await conn.stream(text(query), {**binds, "lo": lo, "hi": hi})
+        async for batch in result.partitions(BATCH_ROWS):
+            yield batch
 
 
 def _body(
-    fmt: Format, engine: AsyncEngine, params: dict[str, Any], sign: Callable[[export.ManifestBuilder], bytes] | None
+    fmt: Format, conn: AsyncConnection, params: dict[str, Any], sign: Callable[[export.ManifestBuilder], bytes] | None
 ) -> AsyncIterator[bytes]:
     filters = {
         "from": None if params["from_ts"] is None else chain.rfc3339(params["from_ts"]),
@@ -177,25 +200,28 @@ def _body(
 
     async def jsonl() -> AsyncIterator[bytes]:
         builder = export.ManifestBuilder(filters)
-        async for batch in _batches(engine, params, _JSONL_ROWS):
-            out = []
-            for row in batch:
-                line = row.line.encode() + b"\n"
-                builder.add({"chain_seq": row.chain_seq, "hash": row.hash, "prev_hash": row.prev_hash}, line)
-                out.append(line)
-            yield b"".join(out)
+        async with aclosing(_batches(conn, params, _JSONL_ROWS)) as batches:
+            async for batch in batches:
+                out = []
+                for row in batch:
+                    line = row.line.encode() + b"\n"
+                    builder.add({"chain_seq": row.chain_seq, "hash": row.hash, "prev_hash": row.prev_hash}, line)
+                    out.append(line)
+                yield b"".join(out)
         assert sign is not None
         yield sign(builder)
 
     async def csv() -> AsyncIterator[bytes]:
         yield export.csv_header().encode()
-        async for batch in _rows(engine, params):
-            yield "".join(export.csv_rows(record) for record in batch).encode()
+        async with aclosing(_rows(conn, params)) as batches:
+            async for batch in batches:
+                yield "".join(export.csv_rows(record) for record in batch).encode()
 
     async def ledger() -> AsyncIterator[bytes]:
         yield export.hledger_header().encode()
-        async for batch in _rows(engine, params):
-            yield "".join(export.hledger_transaction(record) for record in batch).encode()
+        async with aclosing(_rows(conn, params)) as batches:
+            async for batch in batches:
+                yield "".join(export.hledger_transaction(record) for record in batch).encode()
 
     return {"jsonl": jsonl, "csv": csv, "ledger": ledger}[fmt]()
 
@@ -226,26 +252,38 @@ async def export_journal(
             raise ValidationFailed(f"{name} must be between 1970-01-01 and 9999-01-01 UTC", loc=("query", name))
     if from_ is not None and to is not None and from_ >= to:
         raise ValidationFailed("from must be before to", loc=("query", "from"))
-    engine: AsyncEngine = request.app.state.engine
+    slots: ExportSlots = request.app.state.export_slots
+    lease = await slots.acquire()  # 429 when the service runs as many exports as it may
+    conn = lease.conn
     sign: Callable[[export.ManifestBuilder], bytes] | None = None
     # the stretch, and for jsonl the signing key, are read before the first byte: a range too long or a
     # missing key is an error response, not a cut export
-    async with engine.begin() as conn:
-        stretch = await _stretch(conn, from_, to)
-        covered = 0 if stretch is None else stretch[1] - stretch[0] + 1
-        if covered > settings.export_entries_max:
-            raise ValidationFailed(
-                f"the range covers {covered:,} entries of the chain, more than the {settings.export_entries_max:,}"
-                " one export may hold: export it as consecutive ranges (from, to)",
-                loc=("query", "to"),
-            )
-        if format == "jsonl":
-            keyring: KeyRing = request.app.state.keyring
-            kid, key = await keyring.signer(conn)
+    try:
+        async with conn.begin():
+            stretch = await _stretch(conn, from_, to)
+            covered = 0 if stretch is None else stretch[1] - stretch[0] + 1
+            if covered > settings.export_entries_max:
+                raise ValidationFailed(
+                    f"the range covers {covered:,} entries of the chain, more than the"
+                    f" {settings.export_entries_max:,} one export may hold: export it as consecutive ranges (from, to)",
+                    loc=("query", "to"),
+                )
+            if format == "jsonl":
+                keyring: KeyRing = request.app.state.keyring
+                kid, key = await keyring.signer(conn)
 
-            def sign(builder: export.ManifestBuilder) -> bytes:
-                return builder.signed_line(kid, key, datetime.now(UTC))
+                def sign(builder: export.ManifestBuilder) -> bytes:
+                    return builder.signed_line(kid, key, datetime.now(UTC))
 
+    except BaseException as exc:
+        await lease.release()
+        if isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == _QUERY_CANCELED:
+            raise ServiceUnavailable(
+                f"the export's first query ran longer than {settings.export_statement_timeout_s:g} s"
+                " (VL_EXPORT_STATEMENT_TIMEOUT_S); retry later, or export a shorter range",
+                retry_after_s=10,
+            ) from exc
+        raise
     now = datetime.now(UTC)
     params = {
         "from_ts": from_,
@@ -256,8 +294,9 @@ async def export_journal(
         "stretch": stretch,
     }
     filename = f"journal-{_stamp(from_, 'start')}-{_stamp(to, now.strftime('%Y%m%dT%H%M%SZ'))}.{EXTENSIONS[format]}"
-    return StreamingResponse(
-        _body(format, engine, params, sign),
+    return ExportResponse(
+        _body(format, conn, params, sign),
+        lease,
         media_type=MEDIA_TYPES[format],
         headers={
             "Content-Disposition": f'attachment; filename="{filename}"',

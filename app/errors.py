@@ -436,6 +436,12 @@ class _UnavailableLog:
 _unavailable_log = _UnavailableLog(UNAVAILABLE_LOG_INTERVAL_S)
 
 
+def note_database_unavailable(where: str, exc: BaseException) -> None:
+    """Log a 503 answered because the database failed (`where`: method and route template) as the requests'
+    503s are: in the process's one line per interval, never one line per request."""
+    _unavailable_log.note(where, exc)
+
+
 def database_unavailable_response(where: str, exc: BaseException) -> JSONResponse:
     """`503 service_unavailable` with `Retry-After` for a request that lost the database (`where`: method and
     route template, for the log line)."""

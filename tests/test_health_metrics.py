@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from conftest import create_database, drop_database
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import migrate
+from app import errors, migrate
 from app.db import make_engine
 from app.errors import ValidationFailed
 from app.main import create_app
@@ -60,6 +61,31 @@ async def test_readyz_is_503_when_the_database_is_unreachable() -> None:
         response = await client.get("/readyz")
     assert_problem(response, 503, "not_ready")
     assert (await asyncio.wait_for(_healthz(settings), 5)).status_code == 200  # liveness needs no database
+
+
+async def test_readyz_logs_an_unreachable_database_once_per_interval_not_per_probe(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load balancer probes /readyz every second or so: while the database is away that is one warning line
+    per interval, counting the probes since the last (README, Faults), as for any other request's 503."""
+    monkeypatch.setattr(errors, "_unavailable_log", errors._UnavailableLog(errors.UNAVAILABLE_LOG_INTERVAL_S))
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x", background_tasks=False)
+    async with running_app(settings) as client:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            for _ in range(20):
+                assert_problem(await client.get("/readyz"), 503, "not_ready")
+            first = [record for record in caplog.records if record.name != "httpx"]
+            caplog.clear()
+            errors._unavailable_log._next_at = 0.0  # the interval has passed
+            assert_problem(await client.get("/readyz"), 503, "not_ready")
+            second = [record for record in caplog.records if record.name != "httpx"]
+    assert len(first) == 1 and first[0].levelno == logging.WARNING, [r.getMessage() for r in first]
+    assert "GET /readyz" in first[0].getMessage() and "ConnectionRefusedError" in first[0].getMessage()
+    assert len(second) == 1 and "19 more" in second[0].getMessage(), [r.getMessage() for r in second]
 
 
 async def _healthz(settings: Settings) -> httpx.Response:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from fastapi import APIRouter, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import connection_lost
-from app.errors import ServiceUnavailable, problem_responses
+from app.errors import ServiceUnavailable, note_database_unavailable, problem_responses
 from app.schemas import ResponseModel
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -49,8 +46,9 @@ async def readyz(request: Request) -> Status:
             f"the database did not answer within {READY_TIMEOUT_S:g} s", code="not_ready"
         ) from None
     except Exception as exc:
-        # A dead pooled connection costs no failed probe: the pool replaces it at checkout (app/db.py).
-        log.warning("readiness check failed: %s", type(exc).__name__)
+        # A dead pooled connection costs no failed probe: the pool replaces it at checkout (app/db.py). A probe
+        # every second while the database is away is logged as the requests' 503s are, once per interval.
+        note_database_unavailable("GET /readyz", exc)
         if connection_lost(exc):
             raise ServiceUnavailable("the database cannot be reached", code="not_ready") from None
         raise ServiceUnavailable("the database refused the check: is it migrated?", code="not_ready") from None

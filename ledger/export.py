@@ -18,6 +18,9 @@ JSON lines (`jsonl`): one sealed entry per line, then one manifest line.
   `prev_hash` is the hash of the line before. A filtered export is a selection: each entry's hash still
   recomputes from its own `prev_hash`, and `chain_seq` increases, but entries left out cannot be told from
   entries deleted except through the manifest's count and digest, which its signature protects.
+- CSV cells are text or integers. A text cell that begins with `=`, `+`, `-`, `@`, a tab or a carriage
+  return (a spreadsheet formula, OWASP "CSV Injection") or with `'` is written with one `'` before it;
+  integers (`chain_seq`, `debit_fen`, `credit_fen`: never negative) are written as bare numbers.
 """
 
 from __future__ import annotations
@@ -138,12 +141,27 @@ def jsonl_line(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
+# A spreadsheet reads a cell that begins with one of these as a formula (OWASP "CSV Injection"); `'` is here
+# too so that the escape can be undone: a text cell that begins with `'` had exactly one added.
+CSV_ESCAPED_LEADS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell as written: text that begins with a formula character (or `'`) gets a leading `'`, so no text
+    cell can run as a formula; integers (chain_seq, the amounts, never negative) are written as numbers."""
+    if isinstance(value, str):
+        return "'" + value if value.startswith(CSV_ESCAPED_LEADS) else value
+    assert type(value) is int, f"a csv cell is text or an integer, not {type(value).__name__}"
+    return value
+
+
 def csv_header() -> str:
     return _csv_rows([CSV_HEADER])
 
 
 def csv_rows(record: Mapping[str, Any]) -> str:
-    """One CSV row per posting (RFC 4180: CRLF, fields quoted when they need it)."""
+    """One CSV row per posting (RFC 4180: CRLF, fields quoted when they need it), every cell through
+    `csv_cell`."""
     return _csv_rows(
         [
             (
@@ -165,7 +183,7 @@ def csv_rows(record: Mapping[str, Any]) -> str:
 
 def _csv_rows(rows: Iterable[Iterable[Any]]) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n").writerows(rows)
+    csv.writer(buffer, lineterminator="\r\n").writerows([csv_cell(value) for value in row] for row in rows)
     return buffer.getvalue()
 
 

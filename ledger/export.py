@@ -16,8 +16,10 @@ JSON lines (`jsonl`): one sealed entry per line, then one manifest line.
   the manifest's canonical JSON without `signature`.
 - A contiguous export (no program, entity or account filter) links: consecutive `chain_seq`, and each
   `prev_hash` is the hash of the line before. A filtered export is a selection: each entry's hash still
-  recomputes from its own `prev_hash`, and `chain_seq` increases, but entries left out cannot be told from
-  entries deleted except through the manifest's count and digest, which its signature protects.
+  recomputes from its own `prev_hash`, `chain_seq` increases and consecutive seals link, and every entry
+  matches the filters the manifest declares (offline, an entry that touches a voucher's account may match
+  any program or entity: the voucher's program and holder are in the database). Entries left out cannot be
+  told from entries deleted except through the manifest's count and digest, which its signature protects.
 - CSV cells are text or integers. A text cell that begins with `=`, `+`, `-`, `@`, a tab or a carriage
   return (a spreadsheet formula, OWASP "CSV Injection") or with `'` is written with one `'` before it;
   integers (`chain_seq`, `debit_fen`, `credit_fen`: never negative) are written as bare numbers.
@@ -31,7 +33,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -302,9 +304,14 @@ def manifest_line(manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Report:
+    """`ok`: every check that was run passed. `signature_verified`: the manifest's signature was one of them
+    (a JWKS was given); without it anyone could have written the file, since SHA-256 and a manifest are
+    easy to recompute."""
+
     ok: bool
     summary: str
     first_bad_line: int | None = None
+    signature_verified: bool = False
 
 
 class _Bad(Exception):
@@ -321,6 +328,8 @@ def _canonical_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError("a posting has exactly one positive whole amount, debit_fen or credit_fen")
         if p["phase"] not in _PHASES:
             raise ValueError(f"unknown phase {p['phase']!r}")
+        if not isinstance(p["account"], str):
+            raise ValueError("an account is a code (text)")
         postings.append(
             {
                 "account": p["account"],
@@ -329,6 +338,8 @@ def _canonical_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
                 "amount_fen": debit or credit,
             }
         )
+    if not isinstance(record["metadata"], dict):
+        raise ValueError("metadata is a JSON object")
     return {
         "chain_seq": record["chain_seq"],
         "id": record["id"],
@@ -376,6 +387,177 @@ def _check_entry(number: int, record: Any) -> tuple[int, bytes, bytes]:
     return seq, prev, digest
 
 
+# -- the declared selection: what the manifest's filters say, against the entries themselves ---------------
+
+
+def _account_prefixes(record: Mapping[str, Any]) -> set[str]:
+    """The `account_prefix` values an entry matches, as the export reads them: each account it touches and
+    every ancestor of it (`a` and `a:b` for `a:b:c`)."""
+    found: set[str] = set()
+    for posting in record["postings"]:
+        parts = posting["account"].split(":")
+        found.update(":".join(parts[:end]) for end in range(1, len(parts) + 1))
+    return found
+
+
+def _touches_a_voucher(record: Mapping[str, Any]) -> bool:
+    return any(posting["account"].startswith("voucher:") for posting in record["postings"])
+
+
+def _programs(record: Mapping[str, Any]) -> set[str] | None:
+    """The `program` values an entry matches, as the export reads them: the program its metadata names and
+    each whose `program:<code>:...` accounts it touches. None when it touches a voucher's account: the
+    voucher's program is in the database, not in the export, so offline it may match any program."""
+    if _touches_a_voucher(record):
+        return None
+    named = record["metadata"].get("program")
+    # the export compares `metadata ->> 'program'`: a string as it is, any other scalar as its JSON text
+    found = set() if named is None else {named if isinstance(named, str) else json.dumps(named)}
+    for posting in record["postings"]:
+        parts = posting["account"].split(":")
+        if len(parts) >= 3 and parts[0] == "program":
+            found.add(parts[1])
+    return found
+
+
+def _entities(record: Mapping[str, Any]) -> set[str] | None:
+    """The `entity_id` values an entry matches, as the export reads them: each entity whose `entity:<id>`
+    accounts it touches. None when it touches a voucher's account, whose holder is not in the export."""
+    if _touches_a_voucher(record):
+        return None
+    found: set[str] = set()
+    for posting in record["postings"]:
+        parts = posting["account"].split(":")
+        if len(parts) >= 2 and parts[0] == "entity":
+            found.add(parts[1])
+    return found
+
+
+class _Selection:
+    """Whether every entry matches one filter, folded in one pass before the filter is known (the manifest
+    comes last): the values the first deciding entry matches, each with the first later entry that does not.
+    Memory is bounded by that one entry however long the export."""
+
+    def __init__(self, values: Callable[[Mapping[str, Any]], set[str] | None]) -> None:
+        self._values = values
+        self._first: tuple[int, str] | None = None  # (line, what) of the first entry that decides
+        self._open: set[str] = set()  # values every deciding entry so far matches
+        self._ruled_out: dict[str, tuple[int, str]] = {}
+        self.undecided = 0  # entries whose match cannot be decided offline
+
+    def add(self, number: int, record: Mapping[str, Any]) -> None:
+        values = self._values(record)
+        if values is None:
+            self.undecided += 1
+            return
+        where = (number, f"entry {record['id']} (seal {record['chain_seq']})")
+        if self._first is None:
+            self._first, self._open = where, values
+            return
+        for value in self._open - values:
+            self._ruled_out[value] = where
+        self._open &= values
+
+    def mismatch(self, value: str) -> tuple[int, str] | None:
+        """(line, what) of the first entry that does not match `value`; None when every deciding one does."""
+        if self._first is None or value in self._open:
+            return None
+        return self._ruled_out.get(value, self._first)
+
+
+@dataclass(frozen=True, slots=True)
+class _Declared:
+    """A manifest's filters, read: `from`/`to` as instants, the selecting filters as given."""
+
+    from_at: datetime | None
+    to_at: datetime | None
+    selecting: dict[str, str]  # the selecting filters that are set
+
+    @property
+    def contiguous(self) -> bool:
+        return not self.selecting
+
+
+def _declared(manifest: Mapping[str, Any]) -> _Declared | None:
+    """The manifest's filters; None when they are missing or malformed."""
+    filters = manifest.get("filters")
+    if not isinstance(filters, dict) or set(filters) != set(FILTER_NAMES):
+        return None
+    if any(value is not None and not isinstance(value, str) for value in filters.values()):
+        return None
+    try:
+        times = [None if filters[name] is None else datetime.fromisoformat(filters[name]) for name in ("from", "to")]
+    except ValueError:
+        return None
+    if any(moment is not None and moment.tzinfo is None for moment in times):
+        return None
+    selecting = {name: filters[name] for name in SELECTING_FILTERS if filters[name] is not None}
+    return _Declared(times[0], times[1], selecting)
+
+
+@dataclass(slots=True)
+class _Edge:
+    """An end of the export: its line, chain position, hashes and creation time."""
+
+    line: int
+    seq: int
+    prev: bytes
+    digest: bytes
+    created_at: str
+
+    @property
+    def what(self) -> str:
+        return f"seal {self.seq}"
+
+
+def _selection_problems(
+    declared: _Declared, selections: Mapping[str, _Selection], first: _Edge | None, last: _Edge | None
+) -> list[_Bad]:
+    """Where the entries are not the selection the manifest declares. A time range keeps a contiguous
+    stretch of the chain: from the first entry created at or after `from` (without `from`, the chain's
+    first: seal 1) to the last created before `to`; entries inside it may be stamped a little outside the
+    range (app/routers/exports.py), so a contiguous export's ends are what `from`/`to` bound, and a filtered
+    export's entries, not being the stretch's ends, are bound by the filters alone."""
+    problems: list[_Bad] = []
+    if declared.contiguous and first is not None and last is not None:
+        if declared.from_at is None and (first.seq != 1 or first.prev != chain.GENESIS_HASH):
+            problems.append(
+                _Bad(
+                    first.line,
+                    f"the manifest declares no `from`, so the export starts the chain at seal 1, but it starts at "
+                    f"{first.what}: the entries before it are missing",
+                )
+            )
+        if declared.from_at is not None and datetime.fromisoformat(first.created_at) < declared.from_at:
+            problems.append(
+                _Bad(
+                    first.line,
+                    f"{first.what}, the first entry, was created at {first.created_at}, before the declared "
+                    f"`from` {chain.rfc3339(declared.from_at)}: the export is not the range its manifest declares",
+                )
+            )
+        if declared.to_at is not None and datetime.fromisoformat(last.created_at) >= declared.to_at:
+            problems.append(
+                _Bad(
+                    last.line,
+                    f"{last.what}, the last entry, was created at {last.created_at}, not before the declared "
+                    f"`to` {chain.rfc3339(declared.to_at)}: the export is not the range its manifest declares",
+                )
+            )
+    for name, value in declared.selecting.items():
+        found = selections[name].mismatch(value)
+        if found is not None:
+            line, what = found
+            problems.append(
+                _Bad(
+                    line,
+                    f"{what} does not match the declared {name} {value!r}: the export's entries are not the "
+                    "selection its manifest declares",
+                )
+            )
+    return problems
+
+
 def _public_keys(jwks: Mapping[str, Any]) -> dict[str, Ed25519PublicKey]:
     found: dict[str, Ed25519PublicKey] = {}
     for jwk in jwks.get("keys", []) if isinstance(jwks, Mapping) else []:
@@ -393,11 +575,12 @@ def _check_manifest(
     manifest: dict[str, Any],
     digest: str,
     count: int,
-    first: tuple[int, bytes, bytes] | None,
-    last: tuple[int, bytes, bytes] | None,
+    first: _Edge | None,
+    last: _Edge | None,
     jwks: Mapping[str, Any] | None,
-) -> str:
-    """A description of the signature check; `_Bad` when the manifest does not describe the lines before it."""
+) -> tuple[str, bool]:
+    """A description of the signature check and whether it was made; `_Bad` when the manifest does not
+    describe the lines before it."""
 
     def expect(name: str, value: Any) -> None:
         if manifest.get(name) != value:
@@ -407,21 +590,21 @@ def _check_manifest(
         raise _Bad(number, f"unknown export format {manifest.get('format')!r} (expected {FORMAT})")
     expect("entries", count)
     expect("sha256", digest)
-    expect("first_chain_seq", None if first is None else first[0])
-    expect("first_prev_hash", None if first is None else first[1].hex())
-    expect("first_hash", None if first is None else first[2].hex())
-    expect("last_chain_seq", None if last is None else last[0])
-    expect("last_hash", None if last is None else last[2].hex())
-    filters = manifest.get("filters")
-    if not isinstance(filters, dict) or set(filters) != set(FILTER_NAMES):
+    expect("first_chain_seq", None if first is None else first.seq)
+    expect("first_prev_hash", None if first is None else first.prev.hex())
+    expect("first_hash", None if first is None else first.digest.hex())
+    expect("last_chain_seq", None if last is None else last.seq)
+    expect("last_hash", None if last is None else last.digest.hex())
+    declared = _declared(manifest)
+    if declared is None:
         raise _Bad(number, "manifest filters are missing or malformed")
-    if manifest.get("contiguous") is not all(filters[name] is None for name in SELECTING_FILTERS):
+    if manifest.get("contiguous") is not declared.contiguous:
         raise _Bad(number, "manifest says the export is contiguous, but it names a filter that selects entries")
     kid, signature = manifest.get("kid"), manifest.get("signature")
     if not isinstance(kid, str) or not isinstance(signature, str) or manifest.get("alg") != "EdDSA":
         raise _Bad(number, "manifest has no EdDSA signature and kid")
     if jwks is None:
-        return f"signature not checked (no --jwks; signed by kid {kid})"
+        return f"signature not checked (signed by kid {kid})", False
     key = _public_keys(jwks).get(kid)
     if key is None:
         raise _Bad(number, f"manifest is signed by kid {kid}, which is not in the given JWKS")
@@ -429,24 +612,31 @@ def _check_manifest(
         key.verify(_b64url_decode(signature), canonical_manifest(manifest))
     except (InvalidSignature, ValueError, binascii.Error):
         raise _Bad(number, f"manifest signature does not verify with kid {kid}: it was altered or re-signed") from None
-    return f"signature verified (kid {kid})"
+    return f"signature verified (kid {kid})", True
 
 
 def verify_export(lines: Iterable[bytes | str], jwks: Mapping[str, Any] | None) -> Report:
-    """Check a JSON-lines export offline: each entry balances per phase and matches its hash; a contiguous
-    export links (consecutive `chain_seq`, each `prev_hash` the hash before it), a filtered one is in chain
-    order; the last line is a manifest whose counts, range and SHA-256 describe exactly the lines before
-    it; and, given a JWKS, its signature verifies with the key its `kid` names. Reads the lines once, in
-    constant memory; the report names the first bad line (1-based)."""
+    """Check a JSON-lines export offline: each entry balances per phase and matches its hash; entries are in
+    chain order, and consecutive seals link (each `prev_hash` the hash before it); a contiguous export has
+    no gap; the entries are the selection the manifest declares (each matches its filters, and a contiguous
+    export's ends are within `from`/`to`, or start the chain); the last line is a manifest whose counts,
+    range and SHA-256 describe exactly the lines before it; and, given a JWKS, its signature verifies with
+    the key its `kid` names (`Report.signature_verified`). Reads the lines once, in memory bounded by one
+    entry; the report names the first bad line (1-based)."""
     hasher = hashlib.sha256()
     count = number = manifest_number = 0
-    first: tuple[int, bytes, bytes] | None = None
-    last: tuple[int, bytes, bytes] | None = None
+    first: _Edge | None = None
+    last: _Edge | None = None
     manifest: dict[str, Any] | None = None
-    # The whole file is read (the manifest, last, says whether gaps are allowed); the first problem of each
-    # sort is kept and the earliest that counts is reported.
-    broken: _Bad | None = None  # an unreadable, altered or misplaced line
-    gap: _Bad | None = None  # a break in the chain: fatal unless the export is a filtered selection
+    selections = {
+        "account_prefix": _Selection(_account_prefixes),
+        "program": _Selection(_programs),
+        "entity_id": _Selection(_entities),
+    }
+    # The whole file is read (the manifest, last, says whether gaps are allowed and what was selected); the
+    # first problem of each sort is kept and the earliest that counts is reported.
+    broken: _Bad | None = None  # an unreadable, altered or misplaced line, or consecutive seals that do not link
+    gap: _Bad | None = None  # seals missing between two entries: fatal unless the export is a filtered selection
     for raw in lines:
         number += 1
         data = raw.encode() if isinstance(raw, str) else raw
@@ -463,31 +653,51 @@ def verify_export(lines: Iterable[bytes | str], jwks: Mapping[str, Any] | None) 
             if not data.endswith(b"\n"):
                 raise _Bad(number, "an entry without its newline: the export is cut short")
             seq, prev, digest = _check_entry(number, record)
-            if last is not None:
-                if seq <= last[0]:
-                    raise _Bad(number, f"seal {seq} after seal {last[0]}: entries are out of chain order")
-                if gap is None and (seq != last[0] + 1 or prev != last[2]):
-                    gap = _Bad(number, f"seal {seq} does not link to seal {last[0]} before it: an entry is missing")
+            if last is not None and seq <= last.seq:
+                raise _Bad(number, f"seal {seq} after seal {last.seq}: entries are out of chain order")
         except _Bad as bad:
             broken = broken or bad
             continue
+        if last is not None and seq == last.seq + 1 and prev != last.digest:
+            # consecutive seals link in a selection too: one of the two was replaced by an entry hashed anew
+            unlinked = f"seal {seq} does not link to seal {last.seq} before it: one of them was replaced"
+            broken = broken or _Bad(number, unlinked)
+        if last is not None and gap is None and seq != last.seq + 1:
+            gap = _Bad(number, f"seal {seq} does not link to seal {last.seq} before it: an entry is missing")
         hasher.update(data)
-        if first is None:
-            first = (seq, prev, digest)
-        last = (seq, prev, digest)
+        for selection in selections.values():
+            selection.add(number, record)
+        last = _Edge(number, seq, prev, digest, record["created_at"])
+        first = first or last
         count += 1
     problems = [bad for bad in (broken, gap) if bad is not None]
+    declared = None if manifest is None else _declared(manifest)
     if manifest is None:
         problems.append(_Bad(number + 1, "no manifest after the last entry: the export is cut short"))
-    elif manifest.get("contiguous") is False and gap in problems:
-        problems.remove(gap)
+    elif declared is not None:
+        if not declared.contiguous and gap in problems:
+            problems.remove(gap)
+        problems += _selection_problems(declared, selections, first, last)
     try:
         if problems:
             raise min(problems, key=lambda bad: bad.line)
         assert manifest is not None
-        signature_note = _check_manifest(manifest_number, manifest, hasher.hexdigest(), count, first, last, jwks)
+        signature_note, verified = _check_manifest(
+            manifest_number, manifest, hasher.hexdigest(), count, first, last, jwks
+        )
     except _Bad as bad:
         return Report(False, str(bad), bad.line)
-    span = "no entries" if first is None or last is None else f"seals {first[0]}..{last[0]}"
-    shape = "a contiguous chain" if manifest.get("contiguous") else "a filtered selection, each hash checked"
-    return Report(True, f"sound: {count} entries ({span}), {shape}; {signature_note}")
+    assert declared is not None
+    span = "no entries" if first is None or last is None else f"seals {first.seq}..{last.seq}"
+    if declared.contiguous:
+        shape = "a contiguous chain"
+    else:
+        selected = ", ".join(f"{name} {value!r}" for name, value in declared.selecting.items())
+        shape = f"a selection ({selected}), each entry matching it and its hash checked"
+        undecided = max((selections[name].undecided for name in declared.selecting), default=0)
+        if undecided:
+            shape += (
+                f" ({undecided} touch a voucher's account, whose program and holder are not in the export:"
+                " only the signature vouches that they belong)"
+            )
+    return Report(True, f"sound: {count} entries ({span}), {shape}; {signature_note}", signature_verified=verified)

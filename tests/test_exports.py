@@ -31,7 +31,7 @@ from app.background import seal_all
 from app.main import create_app
 from app.routers import exports as exports_router
 from app.settings import RATE_ROLES, RateRule, Settings
-from ledger import export
+from ledger import chain, export
 from ledger.errors import InvalidEntry
 from ledger.postings import credit, debit
 from ledger.service import Account, Entry, Ledger, run_in_transaction
@@ -243,10 +243,10 @@ async def test_jsonl_is_the_sealed_chain_in_order_with_a_signed_manifest(
 
     jwks = (await client.get("/.well-known/jwks.json")).json()
     report = export.verify_export(lines, jwks)
-    assert report.ok, report.summary
+    assert report.ok and report.signature_verified, report.summary
     assert f"sound: {len(records)} entries" in report.summary and "signature verified" in report.summary
     unsigned = export.verify_export(lines, None)
-    assert unsigned.ok and "signature not checked" in unsigned.summary
+    assert unsigned.ok and not unsigned.signature_verified and "signature not checked" in unsigned.summary
 
     # an entry sealed later appears in the next export, the earlier lines unchanged
     await seal_all(engine, ledger)
@@ -475,8 +475,90 @@ async def test_verify_export_names_the_first_bad_line(
     assert bad([*lines[:-1], forged_same_kid]) == n
     assert bad([*lines[:-1], _edit(lines[-1], created_at="2020-01-01T00:00:00.000000Z")]) == n
     # the forgery passes every check but the signature, which is why an auditor gives --jwks
-    assert export.verify_export([*lines[:-1], forged], None).ok
+    unchecked = export.verify_export([*lines[:-1], forged], None)
+    assert unchecked.ok and not unchecked.signature_verified
     assert bad(lines, {"keys": []}) == n
+
+
+def _re_signed(lines: list[bytes], drop: int | None = None, **declared: str | None) -> list[bytes]:
+    """An attacker's copy: the entry at index `drop` deleted, the filters `declared` set, and a manifest that
+    describes what is left, signed with a fresh Ed25519 key under the service's kid."""
+    manifest = json.loads(lines[-1])
+    kept = [line for index, line in enumerate(lines[:-1]) if index != drop]
+    builder = export.ManifestBuilder({**manifest["filters"], **declared})
+    for line in kept:
+        builder.add(json.loads(line), line)
+    return [*kept, builder.signed_line(manifest["kid"], Ed25519PrivateKey.generate(), datetime.now(UTC))]
+
+
+async def test_verify_export_checks_the_declared_selection(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str]
+) -> None:
+    ledger: Ledger = app.state.ledger
+    acc, made = await _journal(engine, ledger)
+    await seal_all(engine, ledger)
+    space = acc["world"].code.split(":")[0]
+    jwks = (await client.get("/.well-known/jwks.json")).json()
+
+    def bad(lines: list[bytes]) -> tuple[int | None, str]:
+        report = export.verify_export(lines, None)
+        assert not report.ok, report.summary
+        return report.first_bad_line, report.summary
+
+    # a selection whose manifest is honest passes; the same entries under another declared filter do not
+    ours = _lines((await _get(client, auditor, format="jsonl", account_prefix=space)).content)
+    assert [json.loads(line)["id"] for line in ours[:-1]] == [str(e.id) for e in made]
+    assert export.verify_export(ours, jwks).ok
+    assert export.verify_export(_re_signed(ours), None).ok  # nothing changed but the key: only --jwks tells
+    line, summary = bad(_re_signed(ours, account_prefix=f"{space}:budget"))
+    assert line == 3 and "does not match the declared account_prefix" in summary  # the hold touches no budget
+    line, summary = bad(_re_signed(ours, account_prefix=None, program=f"test.{space}"))
+    assert line == 2 and "does not match the declared program" in summary
+    line, summary = bad(_re_signed(ours, account_prefix=None, entity_id=f"ent_{space}"))
+    assert line == 1 and "does not match the declared entity_id" in summary
+    line, summary = bad(_re_signed(ours, account_prefix=None, entity_id="ent_someone_else"))
+    assert line == 1
+
+    # consecutive seals link in a selection too: an entry replaced by one hashed anew breaks the next link
+    seqs = [json.loads(line)["chain_seq"] for line in ours[:-1]]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    record = {**json.loads(ours[1]), "memo": "paid to someone else"}
+    record["hash"] = chain.link_hash(bytes.fromhex(record["prev_hash"]), export._canonical_from_record(record)).hex()
+    replaced = _re_signed([ours[0], export.jsonl_line(record), *ours[2:]])
+    line, summary = bad(replaced)
+    assert line == 3 and "one of them was replaced" in summary
+
+    # a contiguous export's ends are what from/to bound; without from it starts the chain at seal 1
+    window = made[0].created_at
+    ranged = _lines((await _get(client, auditor, format="jsonl", **{"from": window.isoformat()})).content)
+    assert export.verify_export(ranged, jwks).ok
+    later = chain.rfc3339(window + timedelta(microseconds=1))
+    line, summary = bad(_re_signed(ranged, **{"from": later}))
+    assert line == 1 and "before the declared `from`" in summary
+    line, summary = bad(_re_signed(ranged, to=json.loads(ranged[-2])["created_at"]))
+    assert line == len(ranged) - 1 and "not before the declared `to`" in summary
+    whole = _lines((await _get(client, auditor, format="jsonl")).content)
+    assert export.verify_export(whole, jwks).ok
+    line, summary = bad(_re_signed(whole, drop=0))
+    assert line == 1 and "the entries before it are missing" in summary
+
+    # offline, an entry that touches a voucher's account may belong to any program or entity: said so
+    voucher = f"voucher:vch_{space}"
+    await run_in_transaction(engine, lambda c: ledger.open_account(c, voucher))
+    await run_in_transaction(
+        engine,
+        lambda c: ledger.transfer(
+            c,
+            key=unique("k-"),
+            postings=[debit(acc["world"].code, 5), credit(voucher, 5)],
+            metadata={"program": f"test.{space}"},
+        ),
+    )
+    await seal_all(engine, ledger)
+    touching = _lines((await _get(client, auditor, format="jsonl", account_prefix=voucher)).content)
+    assert len(touching) == 2
+    report = export.verify_export(_re_signed(touching, account_prefix=None, program="data.pilot_dataset"), None)
+    assert report.ok and "1 touch a voucher's account" in report.summary, report.summary
 
 
 async def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -504,8 +586,15 @@ async def test_cli_verify_export_and_old_exports_after_a_rotation(
     ok = await _cli("verify-export", str(good), "--jwks", str(jwks_file))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("\n") == 1 and "sound:" in ok.stdout and "signature verified" in ok.stdout
+    # without --jwks a sound file is not a pass: anyone can write a manifest; --skip-signature says so and passes
     unsigned = await _cli("verify-export", str(good))
-    assert unsigned.returncode == 0 and "signature not checked" in unsigned.stdout
+    assert unsigned.returncode == 3, unsigned.stderr
+    assert "signature not checked" in unsigned.stderr and "sound:" in unsigned.stderr and unsigned.stdout == ""
+    skipped = await _cli("verify-export", str(good), "--skip-signature")
+    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.stdout.count("\n") == 1 and "sound:" in skipped.stdout and "--skip-signature" in skipped.stdout
+    both = await _cli("verify-export", str(good), "--skip-signature", "--jwks", str(jwks_file))
+    assert both.returncode == 2 and "not allowed with" in both.stderr
 
     damaged = tmp_path / "damaged.jsonl"
     damaged.write_bytes(b"".join([lines[0], lines[2], lines[1], *lines[3:]]))
@@ -531,6 +620,46 @@ async def test_cli_verify_export_and_old_exports_after_a_rotation(
     assert export.verify_export(fresh, jwks_now).ok
     # a JWKS without the signing key (the old one, say) does not vouch for the new export
     assert not export.verify_export(fresh, jwks).ok
+
+
+async def test_an_export_re_signed_after_a_deletion_does_not_pass(
+    app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine, auditor: dict[str, str], tmp_path: Path
+) -> None:
+    """The attack of issue 12: delete an entry, declare a filter (a selection may skip seals), sign the
+    manifest anew with a key of one's own. Once it passed `verify-export` without --jwks with exit 0."""
+    ledger: Ledger = app.state.ledger
+    acc, made = await _journal(engine, ledger)
+    await seal_all(engine, ledger)
+    space = acc["world"].code.split(":")[0]
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text((await client.get("/.well-known/jwks.json")).text)
+    whole = _lines((await _get(client, auditor, format="jsonl")).content)
+    ours = _lines((await _get(client, auditor, format="jsonl", account_prefix=space)).content)
+    hold = next(i for i, line in enumerate(whole) if json.loads(line).get("id") == str(made[2].id))
+
+    async def verify(lines: list[bytes], *flags: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "attacked.jsonl"
+        path.write_bytes(b"".join(lines))
+        return await _cli("verify-export", str(path), *flags)
+
+    # the whole journal with the hold deleted, declared as a program's selection, which its entries are not
+    forged = _re_signed(whole, drop=hold, program=f"test.{space}")
+    for flags in ((), ("--skip-signature",), ("--jwks", str(jwks_file))):
+        result = await verify(forged, *flags)
+        assert result.returncode == 1, (flags, result.stdout, result.stderr)
+        assert "NOT SOUND" in result.stderr and "does not match the declared program" in result.stderr
+        assert result.stdout == ""
+
+    # the same deletion from a selection the rest does match: only the signature can tell, so only --jwks passes
+    forged = _re_signed(ours, drop=2)
+    unchecked = await verify(forged)
+    assert unchecked.returncode == 3, (unchecked.stdout, unchecked.stderr)
+    assert "signature not checked" in unchecked.stderr and unchecked.stdout == ""
+    skipped = await verify(forged, "--skip-signature")
+    assert skipped.returncode == 0 and "skipped (--skip-signature)" in skipped.stdout, skipped.stderr
+    checked = await verify(forged, "--jwks", str(jwks_file))
+    assert checked.returncode == 1 and "signature does not verify" in checked.stderr, checked.stderr
+    assert f"line {len(forged)}:" in checked.stderr
 
 
 async def test_a_time_written_as_a_number_is_a_422(client: httpx.AsyncClient, auditor: dict[str, str]) -> None:

@@ -236,6 +236,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
     redemption.InvoiceAlreadyRedeemed: (409, None),
     redemption.RedemptionNotFound: (404, None),
     redemption.RefundTooLarge: (409, None),
+    redemption.RedemptionSettled: (409, None),
     redemption.HoldNotFound: (404, None),
     redemption.HoldNotPending: (409, None),
     redemption.HoldExpired: (409, None),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -18,13 +19,15 @@ from app import idempotency
 from app.apikeys import Role
 from app.db import make_engine
 from app.settings import Settings
-from ledger.postings import POSTINGS_MAX, credit, debit
+from ledger.postings import POSTINGS_MAX
 from ledger.service import Ledger
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
+from vouchers import settlements
 from vouchers.settlements import DISBURSED_ACCOUNT, SETTLEMENT_ITEMS_MAX, payable_account
 
 YUAN = 100
 YEAR = 2027
+FILING = "model.first_filing"
 
 
 @pytest.fixture
@@ -50,7 +53,12 @@ async def fund(client: httpx.AsyncClient, admin: dict[str, str], program: str, a
 
 
 async def payout(
-    client: httpx.AsyncClient, admin: dict[str, str], entity: str, program: str, basis: dict[str, Any]
+    client: httpx.AsyncClient,
+    admin: dict[str, str],
+    entity: str,
+    program: str,
+    basis: dict[str, Any],
+    award_fen: int | None = None,
 ) -> dict[str, Any]:
     """Apply and approve a payout program: its award is credited to the entity's payable account."""
     applied = await client.post(
@@ -59,24 +67,23 @@ async def payout(
         headers=admin,
     )
     assert applied.status_code == 201, applied.text
-    approved = await client.post(f"/v1/applications/{applied.json()['id']}/approve", headers=admin)
+    approved = await client.post(
+        f"/v1/applications/{applied.json()['id']}/approve",
+        json=None if award_fen is None else {"award_fen": award_fen},
+        headers=admin,
+    )
     assert approved.status_code == 201 and approved.json()["kind"] == "payout", approved.text
     body: dict[str, Any] = approved.json()
     return body
 
 
-async def make_payable(engine: AsyncEngine, entity_id: str, amount_fen: int) -> None:
-    """Credit an entity's payable account directly (as a redemption would), from a test account."""
-    ledger = Ledger()
-    source = f"test:settlement:{uuid.uuid4().hex[:12]}"
-    async with engine.begin() as conn:
-        await ledger.open_account(conn, source)
-        await ledger.open_account(conn, payable_account(entity_id))
-        await ledger.transfer(
-            conn,
-            key=f"test-payable:{uuid.uuid4().hex}",
-            postings=[debit(source, amount_fen), credit(payable_account(entity_id), amount_fen)],
-        )
+async def make_payable(client: httpx.AsyncClient, admin: dict[str, str], entity_id: str, amount_fen: int) -> str:
+    """A real payout of `amount_fen` to the entity (a reviewer-set `model.first_filing` award): settlement
+    pays rows (redemptions, payouts), never a bare balance. Returns the payout's application id."""
+    await fund(client, admin, FILING, amount_fen)
+    basis = {"model_ref": f"M-{uuid.uuid4().hex}", "filing_no": uuid.uuid4().hex}
+    award = await payout(client, admin, entity_id, FILING, basis, award_fen=amount_fen)
+    return str(award["application_id"])
 
 
 async def owed_fen(engine: AsyncEngine, code: str) -> int:
@@ -185,7 +192,7 @@ async def test_a_refusal_is_remembered_under_its_key(
     first = assert_problem(
         await client.post("/v1/settlements", json=body, headers=keyed(admin, key)), 409, "nothing_to_settle"
     )
-    await make_payable(engine, entity, 5 * YUAN)
+    await make_payable(client, admin, entity, 5 * YUAN)
     # the retry is the same request: it stays refused; a new key settles
     assert (
         assert_problem(
@@ -201,7 +208,7 @@ async def test_concurrent_duplicates_make_one_settlement(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
     entity = await create_entity(engine, kind="provider")
-    await make_payable(engine, entity, 1_234 * YUAN)
+    await make_payable(client, admin, entity, 1_234 * YUAN)
     headers = keyed(admin)
     responses = await asyncio.gather(
         *(client.post("/v1/settlements", json={"entity_ids": [entity]}, headers=headers) for _ in range(6))
@@ -217,7 +224,7 @@ async def test_concurrent_settlements_with_different_keys_never_pay_twice(
 ) -> None:
     entities = [await create_entity(engine, kind="provider") for _ in range(3)]
     for entity in entities:
-        await make_payable(engine, entity, 700 * YUAN)
+        await make_payable(client, admin, entity, 700 * YUAN)
     responses = await asyncio.gather(
         *(client.post("/v1/settlements", json={"entity_ids": entities}, headers=keyed(admin)) for _ in range(5))
     )
@@ -227,21 +234,30 @@ async def test_concurrent_settlements_with_different_keys_never_pay_twice(
     await sealed_and_sound(engine)
 
 
-async def test_a_redemption_after_the_read_waits_for_the_next_settlement(
+async def test_a_payout_committed_during_a_settlement_waits_for_the_next(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
-    """A credit to a payable account that commits while a settlement holds its row lock is not settled by it
-    (the settlement moves exactly what it read) and is left for the next one."""
+    """A payable row that commits while a settlement runs is not settled by it (the settlement pays exactly
+    the rows it locked) and is left, unmarked, for the next one."""
     entity = await create_entity(engine, kind="provider")
-    await make_payable(engine, entity, 100 * YUAN)
+    await make_payable(client, admin, entity, 100 * YUAN)
     ledger = Ledger()
     async with engine.connect() as settling:
-        # the settlement's lock, taken first: the credit below never queues on it (the account has no limit)
-        assert (await ledger.locked_balance(settling, payable_account(entity))).credits_posted_fen == 100 * YUAN
-        await asyncio.wait_for(make_payable(engine, entity, 7 * YUAN), 5)
-        await settling.rollback()
+        run = await settlements.settle(
+            settling, ledger, entity_ids=[entity], items_max=10, actor=None, now=datetime.now(UTC)
+        )
+        # nothing the settlement holds is in the way of a new award to the same payee
+        late = await asyncio.wait_for(make_payable(client, admin, entity, 7 * YUAN), 10)
+        await settling.commit()
+    assert run.settlements[0].total_fen == 100 * YUAN
+    async with engine.connect() as conn:
+        unsettled = await conn.scalar(
+            text("SELECT p.settlement_id FROM payout p WHERE p.application_id = :a"), {"a": late}
+        )
+    assert unsettled is None
     response = await client.post("/v1/settlements", json={"entity_ids": [entity]}, headers=keyed(admin))
-    assert response.json()["total_fen"] == 107 * YUAN
+    assert response.json()["total_fen"] == 7 * YUAN
+    assert await owed_fen(engine, payable_account(entity)) == 0
 
 
 async def test_settles_everything_in_batches_of_63_and_pages(fresh_db_url: str) -> None:
@@ -250,9 +266,9 @@ async def test_settles_everything_in_batches_of_63_and_pages(fresh_db_url: str) 
     try:
         admin = bearer(await create_key(engine, Role.ADMIN))
         entities = [await create_entity(engine, kind="provider") for _ in range(70)]
-        for n, entity in enumerate(entities, start=1):
-            await make_payable(engine, entity, n * YUAN)
         async with running_app(settings) as client:
+            for n, entity in enumerate(entities, start=1):
+                await make_payable(client, admin, entity, n * YUAN)
             assert_problem(
                 await client.post("/v1/settlements", json={"max_items": 0}, headers=keyed(admin)),
                 422,
@@ -303,7 +319,7 @@ async def test_settles_everything_in_batches_of_63_and_pages(fresh_db_url: str) 
 
 async def test_who_may_settle_and_read(client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine) -> None:
     entity = await create_entity(engine, kind="provider")
-    await make_payable(engine, entity, 10 * YUAN)
+    await make_payable(client, admin, entity, 10 * YUAN)
     auditor = bearer(await create_key(engine, Role.AUDITOR))
     limited = bearer(await create_key(engine, Role.ADMIN, voucher_types=["compute"]))
     enterprise = bearer(await create_key(engine, Role.ENTERPRISE))
@@ -351,7 +367,7 @@ async def test_bad_input_is_422_and_changes_nothing(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine, body: Any
 ) -> None:
     entity = await create_entity(engine, kind="provider")
-    await make_payable(engine, entity, 3 * YUAN)
+    await make_payable(client, admin, entity, 3 * YUAN)
     key = f"stl-{uuid.uuid4().hex}"
     assert_problem(await client.post("/v1/settlements", json=body, headers=keyed(admin, key)), 422, "validation_error")
     assert await owed_fen(engine, payable_account(entity)) == 3 * YUAN
@@ -366,7 +382,7 @@ async def test_the_idempotency_key_header_is_required(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
     entity = await create_entity(engine, kind="provider")
-    await make_payable(engine, entity, 3 * YUAN)
+    await make_payable(client, admin, entity, 3 * YUAN)
     for headers in (admin, {**admin, "Idempotency-Key": ""}, {**admin, "Idempotency-Key": "k" * 256}):
         assert_problem(
             await client.post("/v1/settlements", json={"entity_ids": [entity]}, headers=headers),

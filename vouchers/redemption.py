@@ -20,22 +20,23 @@ from typing import Any, Literal, NamedTuple
 
 import asyncpg
 from sqlalchemy import text
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger import driver
 from ledger.postings import check_memo_and_metadata, credit, debit
 from ledger.service import Ledger
+from vouchers import recovery
 from vouchers.affiliation_graph import Thresholds
 from vouchers.affiliations import check_affiliation_at, check_affiliation_cached, path_documents
 from vouchers.applications import AffiliationChecker, new_id
-from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
 from vouchers.errors import VoucherError
 from vouchers.keys import KeyRing
 from vouchers.programs import ProgramDefinition
 from vouchers.rules import SHANGHAI, share_of
 from vouchers.tokens import InvalidToken, VerifiedToken, WrongProvider, verify_token
-from vouchers.vouchers import VoucherExpired, VoucherNotFound, VoucherRevoked, voucher_account
+from vouchers.vouchers import VoucherExpired, VoucherNotFound, VoucherRevoked, return_value, voucher_account
 
 
 class VoucherExhausted(VoucherError):
@@ -74,6 +75,12 @@ class RefundTooLarge(VoucherError):
     code = "conflict"
 
 
+class RedemptionSettled(VoucherError):
+    """The provider was paid for this redemption: it cannot hand value back to the voucher by a refund."""
+
+    code = "redemption_settled"
+
+
 @dataclass(frozen=True, slots=True)
 class Line:
     category: str
@@ -108,6 +115,8 @@ class Redemption:
     hold_id: str | None
     entry_id: int
     created_at: datetime
+    settlement_id: str | None = None  # the settlement that paid it; None while it is payable
+    settled_fen: int = 0
 
 
 def payable_account(entity_id: str) -> str:
@@ -294,7 +303,7 @@ def _line(line: Line) -> dict[str, Any]:
 _COLUMNS = """
     r.id, r.voucher_id, r.provider_entity_id, v.holder_entity_id, r.invoice_no, r.lines::text AS lines,
     r.eligible_fen, r.subsidy_fen, r.holder_pays_fen, r.excluded::text AS excluded, r.refunded_fen, r.reversed_at,
-    r.hold_id, r.entry_id, r.created_at
+    r.hold_id, r.entry_id, r.created_at, r.settlement_id, r.settled_fen
 """
 
 
@@ -315,6 +324,8 @@ def _redemption(row: Any) -> Redemption:
         hold_id=row.hold_id,
         entry_id=int(row.entry_id),
         created_at=row.created_at,
+        settlement_id=row.settlement_id,
+        settled_fen=int(row.settled_fen),
     )
 
 
@@ -373,33 +384,24 @@ async def give_back(
     memo: str,
     now: datetime,
 ) -> int:
-    """Return `amount_fen` of a redemption's subsidy from the provider's payable account: to the voucher
-    while it can still be spent, else to its program budget (counted as released). The entry id."""
-    voucher = (
-        await conn.execute(
-            text("SELECT id, program, year, status, expires_at FROM voucher WHERE id = :id FOR UPDATE"),
-            {"id": redemption.voucher_id},
-        )
-    ).one()
-    active = voucher.status == "active" and voucher.expires_at > now
-    target = voucher_account(voucher.id) if active else budget_account(voucher.program, voucher.year)
-    entry = await ledger.transfer(
+    """Return `amount_fen` of an unsettled redemption's subsidy from the provider's payable account (see
+    `vouchers.vouchers.return_value`). The entry id."""
+    entry_id = await return_value(
         conn,
+        ledger,
+        voucher_id=redemption.voucher_id,
+        debit_account=payable_account(redemption.provider_entity_id),
+        amount_fen=amount_fen,
         key=key,
-        postings=[debit(payable_account(redemption.provider_entity_id), amount_fen), credit(target, amount_fen)],
         memo=memo,
-        metadata={"redemption": redemption.id, "voucher": voucher.id},
+        metadata={"redemption": redemption.id, "voucher": redemption.voucher_id},
+        now=now,
     )
-    if not active:
-        await conn.execute(
-            text("UPDATE voucher SET released_fen = released_fen + :a WHERE id = :id"),
-            {"a": amount_fen, "id": voucher.id},
-        )
     await conn.execute(
         text("UPDATE redemption SET refunded_fen = refunded_fen + :a WHERE id = :id"),
         {"a": amount_fen, "id": redemption.id},
     )
-    return entry.id
+    return entry_id
 
 
 async def refund(
@@ -416,6 +418,11 @@ async def refund(
     redemption = await get_redemption(conn, redemption_id, for_update=True)
     if redemption.provider_entity_id != provider_entity_id:
         raise RedemptionNotFound(f"no redemption {redemption_id}")
+    if redemption.settlement_id is not None:
+        raise RedemptionSettled(
+            f"redemption {redemption_id} was paid to you by settlement {redemption.settlement_id}: a refund would "
+            "give the voucher back value you keep; ask the program office to claw it back instead"
+        )
     left = redemption.subsidy_fen - redemption.refunded_fen
     amount = left if amount_fen is None else amount_fen
     if amount <= 0 or amount > left:
@@ -437,17 +444,36 @@ async def refund(
 async def reverse(
     conn: AsyncConnection, ledger: Ledger, *, redemption_id: str, reason: str, now: datetime
 ) -> Redemption:
-    """Clawback: everything of the redemption not yet returned goes back (to the voucher, or to the budget
-    if the voucher has ended), by a compensating entry; the redemption is marked reversed."""
+    """Clawback by a compensating entry; the redemption is marked reversed. Unsettled, everything of it not
+    yet refunded goes back from the provider's payable account (to the voucher, or to the budget if the
+    voucher has ended). Settled, the provider has the money: what it was paid is booked as owed by it and
+    the voucher regains value only as that is recovered (vouchers/recovery.py)."""
     redemption = await get_redemption(conn, redemption_id, for_update=True)
     if redemption.reversed_at is not None:
         raise RefundTooLarge(f"redemption {redemption_id} was already reversed")
-    left = redemption.subsidy_fen - redemption.refunded_fen
-    if left <= 0:
-        raise RefundTooLarge(f"redemption {redemption_id} was refunded in full already")
-    entry_id = await give_back(
-        conn, ledger, redemption, left, key=f"reverse:{redemption_id}", memo=f"clawback: {reason}", now=now
-    )
+    if redemption.settlement_id is not None:
+        voucher = (
+            await conn.execute(text("SELECT program, year FROM voucher WHERE id = :id"), {"id": redemption.voucher_id})
+        ).one()
+        entry_id = await recovery.book_receivable(
+            conn,
+            ledger,
+            debtor_entity_id=redemption.provider_entity_id,
+            amount_fen=redemption.settled_fen,
+            program=voucher.program,
+            year=voucher.year,
+            reason=reason,
+            key=f"reverse:{redemption_id}",
+            redemption_id=redemption_id,
+            voucher_id=redemption.voucher_id,
+        )
+    else:
+        left = redemption.subsidy_fen - redemption.refunded_fen
+        if left <= 0:
+            raise RefundTooLarge(f"redemption {redemption_id} was refunded in full already")
+        entry_id = await give_back(
+            conn, ledger, redemption, left, key=f"reverse:{redemption_id}", memo=f"clawback: {reason}", now=now
+        )
     await conn.execute(
         text("UPDATE redemption SET reversed_at = now(), reversal_entry_id = :e WHERE id = :id"),
         {"e": entry_id, "id": redemption_id},
@@ -782,6 +808,12 @@ _REDEEM_BATCH = """
 """
 
 
+class RedemptionQueueFull(PoolTimeoutError):
+    """More redemptions wait in this process for a place in a batch than it queues: the database is
+    behind. Answered as when no pooled connection is to be had (503 service_unavailable, Retry-After), before
+    anything was sent, so the same Idempotency-Key may be retried."""
+
+
 class RedeemBatcher:
     """Redemptions that arrive while others are with the database go to it together, as one statement and
     one commit (`_REDEEM_BATCH`), instead of each holding a connection and a commit of its own.
@@ -795,7 +827,12 @@ class RedeemBatcher:
     A batch commits or fails whole. When its statement fails (a twin's unique key committed first, a
     deadlock, a missing account), no redemption of it happened, and each is sent again on its own, so
     each gets its own answer or error exactly as if it had come alone. A lost connection fails them all.
-    Every call's outcome is the database's answer; nothing here decides one."""
+    Every call's outcome is the database's answer; nothing here decides one.
+
+    The queue is bounded: with every batch out and `queue_max` calls already waiting, a call is refused at
+    once (`RedemptionQueueFull`). A flood, even from one key the rate limit lets through, then waits at most
+    about `queue_max` redemptions' worth of database time, instead of queueing without end while every
+    caller's latency grows."""
 
     def __init__(
         self,
@@ -804,11 +841,14 @@ class RedeemBatcher:
         batch_max: int,
         in_flight_max: int,
         on_error: Callable[[AsyncConnection, BaseException], Awaitable[bool]],
+        queue_max: int | None = None,
     ) -> None:
-        """`on_error(conn, exc)` answers whether `exc` means the connection is lost (and invalidates it)."""
+        """`on_error(conn, exc)` answers whether `exc` means the connection is lost (and invalidates it).
+        `queue_max`: calls that may wait while every batch is out (None: no bound)."""
         self._engine = engine
         self._batch_max = batch_max
         self._in_flight_max = in_flight_max
+        self._queue_max = queue_max
         self._on_error = on_error
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._in_flight = 0
@@ -818,6 +858,12 @@ class RedeemBatcher:
 
     async def call(self, args: tuple[Any, ...]) -> Any:
         """`voucher_redeem`'s row for these arguments (or its error)."""
+        if (
+            self._queue_max is not None
+            and self._in_flight >= self._in_flight_max
+            and len(self._pending) >= self._queue_max
+        ):
+            raise RedemptionQueueFull(f"{len(self._pending)} redemptions already wait for the database in this process")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((args, future))
         if self._in_flight < self._in_flight_max:

@@ -14,8 +14,10 @@ and, from the voucher and payout rows with the vouchers' ledger accounts, where 
 
     committed = paid_out + redeemed + held + unspent + returning + in_notice
 
-    paid_out  = payouts whose award stands (not reversed)
-    redeemed  = what vouchers paid providers, net of refunds and clawbacks (vouchers.py's definition)
+    paid_out  = payouts whose award stands (not reversed), and reversed payouts that had been settled, less
+                what has been recovered from their beneficiaries (vouchers/recovery.py)
+    redeemed  = what vouchers paid providers, net of refunds and clawbacks (vouchers.py's definition; a
+                clawback after settlement counts once its money is recovered)
     held      = holds in flight at providers against the vouchers
     unspent   = what active vouchers can still spend
     returning = what ended (revoked, expired) vouchers still show on their accounts, on its way back to the
@@ -145,8 +147,9 @@ async def program_report(
     payouts = (
         await conn.execute(
             text(
-                "SELECT coalesce(sum(p.amount_fen) FILTER (WHERE a.status <> 'reversed'), 0) AS paid "
-                "FROM payout p JOIN application a ON a.id = p.application_id WHERE p.program = :p AND p.year = :y"
+                "SELECT coalesce(sum(p.amount_fen) FILTER (WHERE p.reversed_at IS NULL), 0) "
+                "+ coalesce(sum(r.amount_fen - r.recovered_fen), 0) AS paid "
+                "FROM payout p LEFT JOIN recovery r ON r.payout_id = p.id WHERE p.program = :p AND p.year = :y"
             ),
             {"p": program, "y": year},
         )

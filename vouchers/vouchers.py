@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ledger.errors import AlreadyReversed, Refusal
 from ledger.postings import credit, debit
 from ledger.service import Balance, Ledger, run_in_transaction
+from vouchers import recovery
 from vouchers.applications import ApplicationNotFound
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
@@ -121,7 +122,7 @@ class Reversal:
     kind: Literal["voucher", "payout"]
     award_id: str
     award_fen: int
-    returned_fen: int  # what went back to the budget in this reversal
+    returned_fen: int  # what went back to the budget in this reversal (a settled payout: 0, owed back instead)
     entry_id: int | None  # the ledger entry that returned it (None: nothing was left to return)
     reason: str
     reversed_at: datetime
@@ -459,6 +460,44 @@ async def return_released_holds(engine: AsyncEngine, ledger: Ledger, *, limit: i
     return total
 
 
+async def return_value(
+    conn: AsyncConnection,
+    ledger: Ledger,
+    *,
+    voucher_id: str,
+    debit_account: str,
+    amount_fen: int,
+    key: str,
+    memo: str,
+    metadata: dict[str, Any],
+    now: datetime,
+) -> int:
+    """Give `amount_fen` of a voucher's spent value back from `debit_account` (a provider's payable after a
+    refund, the clawback account after a recovery): to the voucher while it can still be spent, else to its
+    program budget, counted as released. Locks the voucher row as ending it does. The entry id."""
+    voucher = (
+        await conn.execute(
+            text("SELECT id, program, year, status, expires_at FROM voucher WHERE id = :id FOR UPDATE"),
+            {"id": voucher_id},
+        )
+    ).one()
+    active = voucher.status == "active" and voucher.expires_at > now
+    target = voucher_account(voucher.id) if active else budget_account(voucher.program, voucher.year)
+    entry = await ledger.transfer(
+        conn,
+        key=key,
+        postings=[debit(debit_account, amount_fen), credit(target, amount_fen)],
+        memo=memo,
+        metadata=metadata,
+    )
+    if not active:
+        await conn.execute(
+            text("UPDATE voucher SET released_fen = released_fen + :a WHERE id = :id"),
+            {"a": amount_fen, "id": voucher.id},
+        )
+    return entry.id
+
+
 # -- reversing an award --------------------------------------------------------------------------------
 
 
@@ -475,8 +514,9 @@ async def reverse_award(
 ) -> Reversal:
     """Reverse an issued award (clawback; 就高 is explicit, art. 25): a voucher is revoked (its unspent value
     returns to the budget) and refused when any of its value was redeemed or is held at a provider, since
-    that value must first be clawed back from the providers; a payout is undone by a compensating ledger
-    entry (payable -> budget). The application becomes `reversed` and its basis documents are released, so
+    that value must first be clawed back from the providers; a payout not yet settled is undone by a
+    compensating ledger entry (payable -> budget), a settled one is booked as owed back by the beneficiary
+    (vouchers/recovery.py). The application becomes `reversed` and its basis documents are released, so
     each may support another award. Both the award and its reversal stay in the journal."""
     application = (
         await conn.execute(
@@ -524,24 +564,46 @@ async def reverse_award(
                 now=now,
             )
     else:
+        # locked as a settlement locks it: the payout is reversed either before it is paid or after
         payout = (
             await conn.execute(
-                text("SELECT id, amount_fen, entry_id FROM payout WHERE application_id = :id"), {"id": application_id}
+                text(
+                    "SELECT id, beneficiary_entity_id, amount_fen, entry_id, settlement_id FROM payout "
+                    "WHERE application_id = :id FOR UPDATE"
+                ),
+                {"id": application_id},
             )
         ).first()
         assert payout is not None, f"issued application {application_id} has a voucher or a payout"
-        kind, award_id, returned = "payout", payout.id, int(payout.amount_fen)
-        try:
-            entry = await ledger.reverse(
+        kind, award_id = "payout", payout.id
+        if payout.settlement_id is None:
+            returned = int(payout.amount_fen)
+            try:
+                entry = await ledger.reverse(
+                    conn,
+                    key=f"reverse:{application_id}",
+                    entry_id=int(payout.entry_id),
+                    memo=memo,
+                    metadata={"application": application_id, "payout": payout.id, "actor": actor},
+                )
+            except AlreadyReversed as refused:
+                raise AwardNotReversible(f"payout {payout.id}'s issuing entry was already reversed") from refused
+            entry_id = entry.id
+        else:
+            # paid out already: the beneficiary owes it back, and the budget regains it only as it is recovered
+            returned = 0
+            entry_id = await recovery.book_receivable(
                 conn,
+                ledger,
+                debtor_entity_id=payout.beneficiary_entity_id,
+                amount_fen=int(payout.amount_fen),
+                program=application.program,
+                year=application.year,
+                reason=reason,
                 key=f"reverse:{application_id}",
-                entry_id=int(payout.entry_id),
-                memo=memo,
-                metadata={"application": application_id, "payout": payout.id, "actor": actor},
+                payout_id=payout.id,
             )
-        except AlreadyReversed as refused:
-            raise AwardNotReversible(f"payout {payout.id}'s issuing entry was already reversed") from refused
-        entry_id = entry.id
+        await conn.execute(text("UPDATE payout SET reversed_at = now() WHERE id = :id"), {"id": payout.id})
     reversed_at = (
         await conn.execute(
             text(
@@ -594,6 +656,7 @@ __all__ = [
     "get_voucher",
     "list_vouchers",
     "return_released_holds",
+    "return_value",
     "reverse_award",
     "revoke",
     "voucher_account",

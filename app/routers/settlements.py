@@ -8,7 +8,7 @@ its answer, `nothing_to_settle` included, is stored with the postings (`app.idem
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, status
@@ -17,8 +17,8 @@ from pydantic import Field, StrictInt
 
 from app import idempotency
 from app.apikeys import Caller, Role
-from app.dependencies import SessionDep, require_roles
-from app.errors import Forbidden, domain_problem, problem_responses
+from app.dependencies import SessionDep, UnrestrictedAdminCaller, require_roles
+from app.errors import domain_problem, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.schemas import RequestModel, ResponseModel
 from ledger.service import Ledger
@@ -31,7 +31,6 @@ ROUTE = "POST /v1/settlements"
 _CURSOR: Cursor[tuple[datetime, str]] = Cursor(tuple[datetime, str])
 EntityId = Annotated[str, Field(pattern=r"^ent_[a-z0-9]{24}$")]
 SettlementId = Annotated[str, Path(pattern=r"^stl_[a-z0-9]{24}$")]
-Admin = Annotated[Caller, Depends(require_roles(Role.ADMIN))]
 Reader = Annotated[Caller, Depends(require_roles(Role.ADMIN, Role.AUDITOR))]
 
 
@@ -51,13 +50,17 @@ class SettlementIn(RequestModel):
 class SettlementItemOut(ResponseModel):
     entity_id: str
     account: str
-    amount_fen: int
+    amount_fen: int = Field(description="paid out to the entity")
+    recovered_fen: int = Field(
+        description="kept back against what the entity owed from clawbacks after an earlier settlement"
+    )
 
 
 class SettlementOut(ResponseModel):
     id: str
     entry_id: str
-    total_fen: int
+    total_fen: int = Field(description="paid out, the sum of the items' amount_fen")
+    recovered_fen: int = Field(description="recovered by netting, the sum of the items' recovered_fen")
     items: list[SettlementItemOut]
     created_by: str | None
     created_at: datetime
@@ -76,6 +79,7 @@ def _out(settlement: Settlement) -> SettlementOut:
         id=settlement.id,
         entry_id=str(settlement.entry_id),
         total_fen=settlement.total_fen,
+        recovered_fen=settlement.recovered_fen,
         items=[SettlementItemOut.model_validate(item, from_attributes=True) for item in settlement.items],
         created_by=settlement.created_by,
         created_at=settlement.created_at,
@@ -106,12 +110,10 @@ def _ledger(request: Request) -> Ledger:
 async def create_settlement(
     request: Request,
     session: SessionDep,
-    caller: Admin,
+    caller: UnrestrictedAdminCaller,
     key: idempotency.IdempotencyKeyHeader,
     body: SettlementIn | None = None,
 ) -> JSONResponse:
-    if caller.voucher_types is not None:
-        raise Forbidden("settlement is cross-program: it takes an admin key not limited to voucher types")
     body = body or SettlementIn()
     conn = await session.connection()
     request_hash = idempotency.request_hash(ROUTE, body.model_dump(mode="json"))
@@ -128,6 +130,7 @@ async def create_settlement(
             entity_ids=body.entity_ids,
             items_max=body.max_items or ITEMS_PER_REQUEST_MAX,
             actor=caller.key_id,
+            now=datetime.now(UTC),
         )
     except NothingToSettle as exc:  # raised before anything is written: an answer to keep, like any other
         answer = domain_problem(exc)

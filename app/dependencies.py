@@ -25,9 +25,11 @@ __all__ = [
     "Role",
     "SessionDep",
     "SettingsDep",
+    "UnrestrictedAdminCaller",
     "current_caller",
     "get_session",
     "require_roles",
+    "unrestricted_admin",
 ]
 
 
@@ -98,3 +100,19 @@ def require_roles(*roles: Role | str) -> Callable[[Caller], Awaitable[Caller]]:
 
 AdminCaller = Annotated[Caller, Depends(require_roles(Role.ADMIN))]
 AdminOrAuditorCaller = Annotated[Caller, Depends(require_roles(Role.ADMIN, Role.AUDITOR))]
+
+
+async def unrestricted_admin(caller: AdminCaller) -> Caller:
+    """The caller when it is an admin limited to no voucher type, else `403 forbidden`: the one home of API.md's
+    "Admin scope". The registry (API keys, entities, affiliations, external awards) and settlements move money
+    in every program, so an admin limited to some voucher types acts only on its programs' objects."""
+    if not caller.unrestricted:
+        types = ", ".join(sorted(caller.voucher_types or ()))
+        raise Forbidden(
+            f"this admin key is limited to voucher types ({types}): API keys, the registry of entities and "
+            "their affiliations, external awards and settlements take an admin key limited to no voucher type"
+        )
+    return caller
+
+
+UnrestrictedAdminCaller = Annotated[Caller, Depends(unrestricted_admin)]

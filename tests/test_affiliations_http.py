@@ -191,13 +191,13 @@ async def test_roles(client: httpx.AsyncClient, admin: dict[str, str], engine: A
     await _record(client, admin, from_entity_id=other, to_entity_id=mine, kind="personnel")
     auditor = bearer(await create_key(engine, "auditor"))
     provider = bearer(await create_key(engine, "provider", entity_id=mine))
-    enterprise = bearer(await create_key(engine, "enterprise", entity_id=mine))
+    enterprise = bearer(await create_key(engine, "enterprise"))  # an entity of its own: mine is a provider
     limited_admin = bearer(await create_key(engine, "admin", voucher_types=["compute"]))
 
     body = {"from_entity_id": mine, "to_entity_id": third, "kind": "control", "valid_from": "2020-01-01"}
-    for who in (auditor, provider, enterprise):
+    for who in (auditor, provider, enterprise, limited_admin):
         assert_problem(await client.post("/v1/affiliations", headers=who, json=body), 403, "forbidden")
-    assert (await client.post("/v1/affiliations", headers=limited_admin, json=body)).status_code == 201
+    assert (await client.post("/v1/affiliations", headers=admin, json=body)).status_code == 201
     assert_problem(await client.post("/v1/affiliations", json=body), 401, "unauthorized")
     # who is asking comes before what is wrong with the body: nothing about it is told to a stranger
     bad_body = {**body, "kind": "equity", "equity_pct": "0"}
@@ -233,6 +233,27 @@ async def test_roles(client: httpx.AsyncClient, admin: dict[str, str], engine: A
         "/v1/affiliations/check", headers=admin, params={"a": mine, "b": other, "as_of": "2026-13-01"}
     )
     assert_problem(bad_date, 422, "validation_error")
+
+
+async def test_an_admin_limited_to_voucher_types_records_and_ends_no_relation(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    """API.md, "Admin scope": affiliations decide awards and redemptions in every program (an affiliated
+    provider cannot redeem), so an admin limited to `data` reads them but records and ends none."""
+    a, b, c = await insert_entities(engine, 3)
+    limited = bearer(await create_key(engine, "admin", voucher_types=["data"]))
+    recorded = await _record(client, admin, from_entity_id=a, to_entity_id=b, kind="personnel")
+
+    body = {"from_entity_id": a, "to_entity_id": c, "kind": "control", "valid_from": "2020-01-01"}
+    assert_problem(await client.post("/v1/affiliations", headers=limited, json=body), 403, "forbidden")
+    ended = await client.patch(f"/v1/affiliations/{recorded['id']}", headers=limited, json={"valid_to": "2025-12-31"})
+    assert_problem(ended, 403, "forbidden")
+    assert await _count(engine, c) == 0
+    # a reviewer reads the relations and checks a pair
+    one = await client.get(f"/v1/affiliations/{recorded['id']}", headers=limited)
+    assert one.status_code == 200 and one.json()["valid_to"] is None and one.json()["ended_at"] is None
+    assert (await client.get("/v1/affiliations", headers=limited, params={"entity_id": a})).status_code == 200
+    assert (await _check(client, limited, a, b))["affiliated"] is True
 
 
 async def test_as_of_defaults_to_today_in_shanghai(

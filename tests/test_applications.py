@@ -535,6 +535,30 @@ async def test_purchases_and_external_awards_refuse_bad_input_and_wrong_callers(
     assert_problem(await client.post("/v1/external-awards", headers=admin, json=award), 409, "basis_already_used")
 
 
+async def test_an_admin_limited_to_voucher_types_records_no_external_award(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    """API.md, "Admin scope": an external award claims its basis document against every program (art. 25, no
+    double support), so only an admin limited to no voucher type records one."""
+    entity = await create_entity(engine)
+    limited = bearer(await create_key(engine, Role.ADMIN, voucher_types=["data"]))
+    award = {
+        "entity_id": entity,
+        "basis_ref": f"project:S-{entity[-6:]}",
+        "policy": "another policy",
+        "amount_fen": 100,
+        "awarded_on": "2026-01-05",
+    }
+    assert_problem(await client.post("/v1/external-awards", headers=limited, json=award), 403, "forbidden")
+    async with engine.connect() as conn:
+        recorded = await conn.scalar(text("SELECT count(*) FROM external_award WHERE entity_id = :e"), {"e": entity})
+        claimed = await conn.scalar(
+            text("SELECT count(*) FROM basis_claim WHERE document = :d"), {"d": award["basis_ref"]}
+        )
+    assert (recorded, claimed) == (0, 0)
+    assert (await client.post("/v1/external-awards", headers=admin, json=award)).status_code == 201
+
+
 async def test_approval_with_an_idempotency_key_answers_retries_the_same(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:

@@ -84,7 +84,7 @@ async def _wait_ready(process: asyncio.subprocess.Process, base_url: str, log: P
     pytest.fail(f"the server was not ready within {STARTUP_WAIT_S} s:\n{_text(log)}")
 
 
-async def test_apikey_create_prints_a_working_key_last(db_url: str, settings: Settings) -> None:
+async def test_apikey_create_prints_a_working_key_last(db_url: str, settings: Settings, engine: AsyncEngine) -> None:
     result = await _run(
         "apikey",
         "create",
@@ -103,10 +103,12 @@ async def test_apikey_create_prints_a_working_key_last(db_url: str, settings: Se
     assert any(line.startswith("id: key_") for line in lines[:-1])
     assert key not in result.stderr
     async with running_app(settings) as client:
-        response = await client.get("/v1/api-keys", headers=bearer(key), params={"limit": "500"})
+        response = await client.get("/v1/ledger/trial-balance", headers=bearer(key))
         assert response.status_code == 200, response.text
-        mine = [item for item in response.json()["data"] if key.startswith(f"vl_{item['prefix']}_")]
-        assert len(mine) == 1 and mine[0]["voucher_types"] == ["compute", "data"] and mine[0]["name"] == "ops"
+    async with engine.connect() as conn:
+        query = text("SELECT voucher_types, name FROM api_key WHERE prefix = :p")
+        stored = (await conn.execute(query, {"p": key.split("_")[1]})).one()
+    assert stored.voucher_types == ["compute", "data"] and stored.name == "ops"
 
 
 @pytest.mark.parametrize(

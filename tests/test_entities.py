@@ -293,13 +293,41 @@ async def test_a_guangzhou_entity_can_be_overridden_to_not_eligible(
     assert response.json()["eligible"] is False and response.json()["eligibility"]["presumed"] is True
 
 
-async def test_an_admin_limited_to_voucher_types_manages_entities(
-    client: httpx.AsyncClient, engine: AsyncEngine
+async def test_an_admin_limited_to_voucher_types_reads_entities_and_changes_none(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
+    """API.md, "Admin scope": tags and eligibility decide awards in every program (tagging an entity
+    `innovation_team` + `multimodal_foundation_model` issues a compute voucher through 免申即享), so an admin
+    limited to `data` reads the registry but registers and changes nothing in it."""
     limited = bearer(await create_key(engine, "admin", voucher_types=["data"]))
-    entity = await register(client, limited)
-    response = await client.patch(f"/v1/entities/{entity['id']}", headers=limited, json={"tags": ["innovation_team"]})
-    assert response.status_code == 200, response.text
+    assert_problem(
+        await client.post(
+            "/v1/entities", headers=limited, json={"uscc": make_uscc(), "name": "scoped", "kind": "enterprise"}
+        ),
+        403,
+        "forbidden",
+    )
+    entity = await register(client, admin)
+    path = f"/v1/entities/{entity['id']}"
+    override = {"eligible": False, "reason": "scoped admin's decision", "evidence_ref": "none"}
+    for change in (
+        {"tags": ["innovation_team", "multimodal_foundation_model"]},
+        {"eligibility_override": override},
+        {"eligibility_override": None, "reason": "scoped admin's decision"},
+        {"name": "renamed by a scoped admin"},
+        {"kind": "provider"},
+    ):
+        body = assert_problem(await client.patch(path, headers=limited, json=change), 403, "forbidden")
+        assert "limited to voucher types (data)" in body["detail"], body
+    # a reviewer of data applications still reads the registry
+    assert (await client.get(path, headers=limited)).json() == (await client.get(path, headers=admin)).json()
+    assert (await client.get("/v1/entities", headers=limited)).status_code == 200
+    assert [e["kind"] for e in await history(client, limited, entity["id"])] == ["created"]
+    async with engine.connect() as conn:
+        applications = await conn.scalar(
+            text("SELECT count(*) FROM application WHERE applicant_entity_id = :e"), {"e": entity["id"]}
+        )
+    assert applications == 0  # 免申即享 granted nothing
 
 
 async def test_update_reports_the_tag_sets(engine: AsyncEngine) -> None:
@@ -366,7 +394,7 @@ async def test_visibility(client: httpx.AsyncClient, engine: AsyncEngine, role: 
 
 @pytest.mark.parametrize("role", ["auditor", "enterprise", "provider"])
 async def test_only_admins_change_entities(client: httpx.AsyncClient, engine: AsyncEngine, role: str) -> None:
-    entity = await create_entity(engine)
+    entity = await create_entity(engine, kind="provider" if role == "provider" else "enterprise")
     headers = bearer(await create_key(engine, role, entity_id=None if role == "auditor" else entity))
     name = f"forbidden {uuid.uuid4().hex}"
     post = await client.post(

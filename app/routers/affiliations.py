@@ -1,5 +1,6 @@
-"""`/v1/affiliations`: record and end relations between entities (admins), read them (admins, auditors),
-and check whether two entities are affiliated on a date (admins, auditors, a provider for itself).
+"""`/v1/affiliations`: record and end relations between entities (an admin limited to no voucher type: they
+decide awards in every program), read them (admins, auditors), and check whether two entities are affiliated
+on a date (admins, auditors, a provider for itself).
 
 Percentages never pass through a float: the body of `POST /v1/affiliations` is parsed here with
 `json.loads(parse_float=Decimal)` (FastAPI's own parsing would make 33.33 a binary fraction first), and a
@@ -20,7 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BeforeValidator, StringConstraints, ValidationError, WithJsonSchema
 
 from app.apikeys import Role
-from app.dependencies import AdminCaller, AdminOrAuditorCaller, Caller, SessionDep, SettingsDep, require_roles
+from app.dependencies import (
+    AdminOrAuditorCaller,
+    Caller,
+    SessionDep,
+    SettingsDep,
+    UnrestrictedAdminCaller,
+    require_roles,
+)
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import thresholds_of
@@ -198,7 +206,7 @@ _CREATE_BODY_SCHEMA = AffiliationCreate.model_json_schema()
 async def create(
     # the caller before the body: dependencies run in this order, and an anonymous or outside caller is
     # answered 401 or 403 without being told what is wrong with its body
-    caller: AdminCaller,
+    caller: UnrestrictedAdminCaller,
     body: Annotated[AffiliationCreate, Depends(_decimal_body)],
     session: SessionDep,
 ) -> AffiliationOut:
@@ -273,7 +281,10 @@ async def get(
     responses=problem_responses(404, 409),
 )
 async def end(
-    id: Annotated[str, Path(pattern=_AFFILIATION_ID)], body: AffiliationEnd, session: SessionDep, caller: AdminCaller
+    id: Annotated[str, Path(pattern=_AFFILIATION_ID)],
+    body: AffiliationEnd,
+    session: SessionDep,
+    caller: UnrestrictedAdminCaller,
 ) -> AffiliationOut:
     try:
         record = await end_affiliation(session, id, body.valid_to)

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.apikeys import Caller, Role
 from app.commands import run_command
-from app.dependencies import CallerDep, SessionDep, require_roles
+from app.dependencies import CallerDep, SessionDep, UnrestrictedAdminCaller, require_roles
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import affiliation_checker
@@ -305,7 +305,9 @@ async def reject(
     summary="Record support given under another city policy: its basis document cannot be claimed here",
     responses=problem_responses(409),
 )
-async def record_external_award(body: ExternalAwardIn, session: SessionDep, caller: Admin) -> ExternalAwardOut:
+async def record_external_award(
+    body: ExternalAwardIn, session: SessionDep, caller: UnrestrictedAdminCaller
+) -> ExternalAwardOut:
     kind, _, reference = body.basis_ref.partition(":")
     if kind not in DOCUMENT_KINDS or not reference:
         raise ValidationFailed(

@@ -1,8 +1,9 @@
 """`/v1/entities`: the registry of who may receive or redeem money, and its history (art. 25).
 
-Administrators register and change entities (entities carry no voucher type, so an admin key limited to
-some types manages them too); auditors read everything; an enterprise or provider key reads its own entity
-and its history, and any other entity is `404 not_found`, exactly as if it did not exist.
+An admin limited to no voucher type registers and changes entities: tags and eligibility decide awards in
+every program (tagging grants 免申即享 compute vouchers), so an admin limited to some types reads them but
+changes nothing (API.md, "Admin scope"); auditors read everything; an enterprise or provider key reads its
+own entity and its history, and any other entity is `404 not_found`, exactly as if it did not exist.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi import APIRouter, Path, Query, Request, status
 from pydantic import AfterValidator, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from app.apikeys import Caller, Role
-from app.dependencies import AdminCaller, AdminOrAuditorCaller, CallerDep, SessionDep
+from app.dependencies import AdminOrAuditorCaller, CallerDep, SessionDep, UnrestrictedAdminCaller
 from app.errors import problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import grant_automatic
@@ -226,7 +227,7 @@ def _check_visible(caller: Caller, entity_id: str) -> None:
     summary="Register an entity by its unified social credit code",
     responses=problem_responses(409),
 )
-async def create(body: EntityCreate, session: SessionDep, caller: AdminCaller) -> EntityOut:
+async def create(body: EntityCreate, session: SessionDep, caller: UnrestrictedAdminCaller) -> EntityOut:
     entity = await service.create_entity(
         session, NewEntity(uscc=body.uscc, name=body.name, kind=body.kind, tags=body.tags), actor_key_id=caller.key_id
     )
@@ -266,7 +267,7 @@ async def get(id: EntityIdPath, session: SessionDep, caller: CallerDep) -> Entit
     responses=problem_responses(404),
 )
 async def patch(
-    request: Request, id: EntityIdPath, body: EntityPatch, session: SessionDep, caller: AdminCaller
+    request: Request, id: EntityIdPath, body: EntityPatch, session: SessionDep, caller: UnrestrictedAdminCaller
 ) -> EntityOut:
     update = await service.update_entity(session, id, body.changes(), actor_key_id=caller.key_id)
     await session.commit()

@@ -111,11 +111,6 @@ class Settings(BaseSettings):
     export_statement_timeout_s: float = Field(
         default=60.0, gt=0, le=86_400, description="PostgreSQL statement_timeout on export connections"
     )
-    # redemptions waiting in a worker for a place in a batch (vouchers.redemption.RedeemBatcher): past this
-    # many the worker answers 503 service_unavailable with Retry-After, so a flood queues for a bounded time
-    redeem_queue_max: int = Field(
-        default=256, ge=1, le=100_000, description="redemptions waiting for a batch per worker before 503"
-    )
 
     @field_validator("rate_limits", mode="after")
     @classmethod

@@ -35,6 +35,7 @@ from tests.test_settlements import FILING, make_payable, sealed_and_sound
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 from vouchers import redemption, settlements
 from vouchers.recovery import CLAWBACK_ACCOUNT, receivable_account
+from vouchers.rules import SHANGHAI
 from vouchers.settlements import payable_account
 
 YUAN = 100
@@ -163,6 +164,10 @@ async def test_a_clawback_after_settlement_is_owed_back_and_restores_the_voucher
     # the provider has the money: the voucher regains nothing yet, the provider owes it all
     assert (state["available_fen"], state["redeemed_fen"]) == (100_000 * YUAN, 500_000 * YUAN)
     assert await owes_fen(engine, s) == 500_000 * YUAN
+    this_year = datetime.now(SHANGHAI).year
+    statement = (await client.get(f"/v1/entities/{s}/statement", params={"year": this_year}, headers=admin)).json()
+    owed = [a for a in statement["accounts"] if a["account"] == receivable_account(s)]
+    assert [a["closing_balance_fen"] for a in owed] == [-500_000 * YUAN], statement["accounts"]
     assert_problem(
         await client.post(f"/v1/redemptions/{clawed['id']}/reverse", headers=keyed(admin), json={"reason": "again"}),
         409,

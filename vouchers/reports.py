@@ -27,7 +27,8 @@ Awards count applications `issued` (a reversed award is counted apart); vouchers
 read (an active voucher past its expiry counts as expired).
 
 Entity statement: every ledger entry of a calendar year (Asia/Shanghai) that touches the entity's accounts,
-`entity:{id}:payable` and `voucher:{id}` of every voucher it holds, one line per (entry, account) in
+`entity:{id}:payable`, `provider:{id}:receivable` (what it owes back after a clawback of settled money,
+a negative balance) and `voucher:{id}` of every voucher it holds, one line per (entry, account) in
 (created_at, entry id, account) order; `in` is a posted credit, `out` a posted debit, `balance` the
 account's posted credits less debits after the line, `pending` what holds reserve on it after the line.
 """
@@ -44,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ledger.service import Ledger
 from vouchers.budgets import appropriation_account, budget_account
 from vouchers.entities import EntityNotFound
+from vouchers.recovery import receivable_account
 from vouchers.redemption import payable_account
 from vouchers.rules import SHANGHAI, year_end
 from vouchers.vouchers import voucher_account
@@ -200,7 +202,7 @@ async def program_report(
 @dataclass(frozen=True, slots=True)
 class StatementAccount:
     account: str
-    voucher_id: str | None  # None: the entity's payable account
+    voucher_id: str | None  # None: the entity's payable account, or its receivable (negative: what it owes back)
     opening_balance_fen: int  # posted credits less debits at the start of the year
     in_fen: int
     out_fen: int
@@ -244,7 +246,7 @@ def year_start(year: int) -> datetime:
 _ACCOUNTS = """
     acct AS (
         SELECT a.id, a.code FROM ledger_account a
-         WHERE a.code = :payable
+         WHERE a.code IN (:payable, :receivable)
             OR a.code IN (SELECT 'voucher:' || v.id FROM voucher v WHERE v.holder_entity_id = :entity))
 """
 _SIGNED = """
@@ -313,7 +315,11 @@ async def statement(
     if await conn.scalar(text("SELECT 1 FROM entity WHERE id = :id"), {"id": entity_id}) is None:
         raise EntityNotFound(f"no entity {entity_id}")
     period_from, period_to = year_start(year), year_end(year)
-    scope: dict[str, Any] = {"payable": payable_account(entity_id), "entity": entity_id}
+    scope: dict[str, Any] = {
+        "payable": payable_account(entity_id),
+        "receivable": receivable_account(entity_id),
+        "entity": entity_id,
+    }
     summary = (await conn.execute(_SUMMARY, {**scope, "from": period_from, "to": period_to})).all()
     accounts = [
         StatementAccount(

@@ -34,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.errors import NotFound, Unauthorized, ValidationFailed
 from app.schemas import RequestModel
-from vouchers.entities import entity_exists
+from vouchers.entities import Entity, EntityKind
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,13 @@ class Caller:
         return self.role is Role.ADMIN and self.voucher_types is None
 
 
+def role_fits_kind(role: Role, kind: EntityKind | str) -> bool:
+    """A provider key acts for a provider entity (a compute provider, a data exchange, a model vendor); an
+    enterprise key for any other kind: a key that redeems must belong to an entity registered to redeem."""
+    assert role in ENTITY_ROLES
+    return (role is Role.PROVIDER) == (EntityKind(kind) is EntityKind.PROVIDER)
+
+
 def caller_of(key: ApiKey) -> Caller:
     return Caller(
         key_id=key.id,
@@ -182,9 +189,22 @@ def new_key() -> tuple[str, str]:
 
 async def create_api_key(session: AsyncSession, request: ApiKeyCreate) -> tuple[ApiKey, str]:
     """Insert a key; return its row and the key itself, which exists nowhere else from now on. A key acts for
-    a registered entity only (`422 validation_error` on `entity_id` otherwise)."""
-    if request.entity_id is not None and not await entity_exists(session, request.entity_id):
-        raise ValidationFailed(f"no entity {request.entity_id} is registered", loc=("body", "entity_id"))
+    a registered entity whose kind fits its role only (`422 validation_error` on `entity_id` otherwise).
+
+    The entity row is share-locked until the caller commits, so a concurrent change of its kind (which
+    checks the entity's live keys under the row's update lock) sees this key or waits for it."""
+    if request.entity_id is not None:
+        kind = await session.scalar(
+            select(Entity.kind).where(Entity.id == request.entity_id).with_for_update(read=True)
+        )
+        if kind is None:
+            raise ValidationFailed(f"no entity {request.entity_id} is registered", loc=("body", "entity_id"))
+        if not role_fits_kind(request.role, kind):
+            raise ValidationFailed(
+                f"entity {request.entity_id} is of kind {kind}: a provider key binds to a provider entity only, "
+                "an enterprise key to an entity of any other kind",
+                loc=("body", "entity_id"),
+            )
     key, prefix = new_key()
     row = ApiKey(
         id="key_" + _random_string(_ID_LENGTH),
@@ -198,6 +218,18 @@ async def create_api_key(session: AsyncSession, request: ApiKeyCreate) -> tuple[
     session.add(row)
     await session.flush()
     return row, key
+
+
+async def live_keys_unfit_for(session: AsyncSession, entity_id: str, kind: EntityKind) -> Sequence[str]:
+    """The ids of the entity's unrevoked keys whose role would not fit `kind`: a change of kind must wait until
+    they are revoked. Call it with the entity row locked for update (see `create_api_key`)."""
+    unfit = Role.ENTERPRISE if kind is EntityKind.PROVIDER else Role.PROVIDER
+    query = (
+        select(ApiKey.id)
+        .where(ApiKey.entity_id == entity_id, ApiKey.role == unfit.value, ApiKey.revoked_at.is_(None))
+        .order_by(ApiKey.id)
+    )
+    return (await session.scalars(query)).all()
 
 
 async def list_api_keys(session: AsyncSession, *, after: tuple[datetime, str] | None, limit: int) -> Sequence[ApiKey]:

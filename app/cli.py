@@ -188,7 +188,7 @@ def _apikey_create(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with _database(settings) as url:
             row, key = asyncio.run(_create_key(url, settings, request))
-    except ValidationFailed as exc:  # an entity that is not registered
+    except ValidationFailed as exc:  # an entity not registered, or of a kind the role does not fit
         field = str(exc.extra["errors"][0]["loc"][-1]) if exc.extra.get("errors") else ""
         _error(f"{_OPTIONS.get(field, field)}: {exc.detail}")
         return 2

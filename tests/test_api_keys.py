@@ -213,6 +213,61 @@ async def test_an_admin_limited_to_voucher_types_lists_and_revokes_no_key(
     assert revoked is None
 
 
+@pytest.mark.parametrize(
+    ("role", "kind", "status"),
+    [
+        ("provider", "provider", 201),
+        ("provider", "enterprise", 422),
+        ("provider", "institution", 422),
+        ("provider", "association", 422),
+        ("provider", "department", 422),
+        ("enterprise", "enterprise", 201),
+        ("enterprise", "institution", 201),
+        ("enterprise", "association", 201),
+        ("enterprise", "department", 201),
+        ("enterprise", "provider", 422),
+    ],
+)
+async def test_a_key_role_fits_its_entity_kind(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine, role: str, kind: str, status: int
+) -> None:
+    """API.md, "Admin scope": `provider` keys bind to `provider` entities, `enterprise` keys to any other kind."""
+    entity = await create_entity(engine, kind=kind)
+    response = await client.post("/v1/api-keys", headers=admin, json={"role": role, "name": "fit", "entity_id": entity})
+    if status == 201:
+        assert response.status_code == 201, response.text
+        return
+    body = assert_problem(response, 422, "validation_error")
+    assert ["body", "entity_id"] in [error["loc"] for error in body["errors"]], body
+    assert kind in body["detail"]
+    async with engine.connect() as conn:
+        stored = await conn.scalar(text("SELECT count(*) FROM api_key WHERE entity_id = :e"), {"e": entity})
+    assert stored == 0
+
+
+async def test_an_entity_keeps_its_kind_while_a_key_of_another_role_lives(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    """Changing the kind would bind a live key to an entity its role does not fit: revoke the key first."""
+    entity = await create_entity(engine, kind="provider")
+    created = await client.post(
+        "/v1/api-keys", headers=admin, json={"role": "provider", "name": "till", "entity_id": entity}
+    )
+    assert created.status_code == 201, created.text
+    change = {"kind": "enterprise", "reason": "registered as a provider by mistake"}
+    body = assert_problem(
+        await client.patch(f"/v1/entities/{entity}", headers=admin, json=change), 422, "validation_error"
+    )
+    assert created.json()["id"] in body["detail"]
+    assert ["body", "kind"] in [error["loc"] for error in body["errors"]], body
+    assert (await client.get(f"/v1/entities/{entity}", headers=admin)).json()["kind"] == "provider"
+    # a change that keeps the kind, and the change once the key is revoked
+    assert (await client.patch(f"/v1/entities/{entity}", headers=admin, json={"kind": "provider"})).status_code == 200
+    assert (await client.delete(f"/v1/api-keys/{created.json()['id']}", headers=admin)).status_code == 200
+    changed = await client.patch(f"/v1/entities/{entity}", headers=admin, json=change)
+    assert changed.status_code == 200 and changed.json()["kind"] == "enterprise", changed.text
+
+
 async def test_revocation_clears_the_local_cache(db_url: str, engine: AsyncEngine) -> None:
     settings = Settings(database_url=db_url, background_tasks=False, api_key_cache_ttl_s=60)
     admin = bearer(await create_key(engine, "admin"))

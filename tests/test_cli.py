@@ -146,6 +146,22 @@ async def test_apikey_create_binds_a_registered_entity_only(db_url: str, engine:
     assert stored == 0
 
 
+@pytest.mark.parametrize(("role", "kind"), [("provider", "enterprise"), ("enterprise", "provider")])
+async def test_apikey_create_binds_a_role_to_an_entity_of_its_kind_only(
+    db_url: str, engine: AsyncEngine, role: str, kind: str
+) -> None:
+    """API.md, "Admin scope": a provider key binds to a provider entity, an enterprise key to any other kind."""
+    entity = await create_entity(engine, kind=kind)
+    refused = await _run(
+        "apikey", "create", "--role", role, "--entity", entity, "--name", "misfit", env=_env(DATABASE_URL=db_url)
+    )
+    assert refused.returncode == 2 and refused.stdout == "", refused.stdout
+    assert "--entity" in refused.stderr and kind in refused.stderr
+    async with engine.connect() as conn:
+        stored = await conn.scalar(text("SELECT count(*) FROM api_key WHERE entity_id = :e"), {"e": entity})
+    assert stored == 0
+
+
 async def test_only_the_documented_commands_exist() -> None:
     result = await _run("--help", env=_env())
     assert result.returncode == 0

@@ -402,7 +402,7 @@ async def test_program_rates_at_redemption(
     assert (paid.json()["eligible_fen"], paid.json()["subsidy_fen"]) == (33_333, 9_999)  # 30% of 333.33 元
 
     # model.first_purchase: only the named vendor redeems; 45% with the uplift
-    developer, buyer = await create_entity(engine), await create_entity(engine)
+    developer, buyer = await create_entity(engine, kind="provider"), await create_entity(engine)  # a model vendor
     model = f"M-{developer[-8:]}"
     path = f"/v1/programs/model.first_filing/budgets/{YEAR}"
     current = (await client.get(path, headers=admin)).json()["budget_fen"]

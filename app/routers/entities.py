@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Path, Query, Request, status
 from pydantic import AfterValidator, Field, StrictBool, StrictStr, field_validator, model_validator
 
-from app.apikeys import Caller, Role
+from app.apikeys import Caller, Role, live_keys_unfit_for
 from app.dependencies import AdminOrAuditorCaller, CallerDep, SessionDep, UnrestrictedAdminCaller
-from app.errors import problem_responses
+from app.errors import ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import grant_automatic
 from app.schemas import RequestModel, ResponseModel
@@ -270,6 +270,14 @@ async def patch(
     request: Request, id: EntityIdPath, body: EntityPatch, session: SessionDep, caller: UnrestrictedAdminCaller
 ) -> EntityOut:
     update = await service.update_entity(session, id, body.changes(), actor_key_id=caller.key_id)
+    if body.kind is not None and any(event.kind == "kind" for event in update.events):
+        # under the row lock update_entity took: a key bound meanwhile has committed and shows here
+        unfit = await live_keys_unfit_for(session, id, body.kind)
+        if unfit:
+            raise ValidationFailed(
+                f"a {body.kind} entity cannot keep its live keys of another role: revoke {', '.join(unfit)} first",
+                loc=("body", "kind"),
+            )
     await session.commit()
     if automatic_tags(request.app.state.catalog) & set(update.tags_added):
         # 免申即享 (art. 19): tagging grants the compute voucher at once, with no action from the entity

@@ -9,6 +9,10 @@ A command route, in its one transaction:
     await idempotency.remember(conn, ..., status_code=201, body=payload)
     await session.commit()                                  # the record commits with the postings, or neither
 
+An answer goes out as `render` writes it, the first time and on every replay: in the form PostgreSQL
+writes the `jsonb` it is stored in, the form `voucher_redeem` sends its stored answers in, so a replay is
+the first answer byte for byte (jsonb keeps no key order of its own).
+
 Keys are scoped to the caller's API key and never expire. The same key with another body (or on another
 route) is `IdempotencyKeyReused` (422 `idempotency_conflict`). A duplicate that arrives while the first is
 still running waits for it: `replay_or_none` takes a transaction-scoped advisory lock on (caller, key)
@@ -46,6 +50,7 @@ __all__ = [
     "Stored",
     "remember",
     "remember_unless_answered",
+    "render",
     "replay_or_none",
     "request_hash",
     "response",
@@ -210,7 +215,53 @@ async def remember_unless_answered(
     return stored
 
 
+def render(body: Any) -> bytes:
+    """`body` as JSON text in the form PostgreSQL writes a `jsonb` value (`response::text`): an object's keys
+    shortest first, then by their UTF-8 bytes; `", "` between members and items, `": "` after a key; text
+    escaped as `json.dumps(ensure_ascii=False)` escapes it, which is as PostgreSQL does. A float (no answer
+    holds one: money is integer fen) is written as Python writes it, which PostgreSQL matches but in
+    exponent form."""
+    out: list[str] = []
+    _render(body, out)
+    return "".join(out).encode()
+
+
+def _jsonb_key_order(key: object) -> tuple[int, bytes]:
+    if not isinstance(key, str):
+        raise TypeError(f"an answer's keys are text, not {type(key).__name__}")
+    encoded = key.encode()
+    return len(encoded), encoded
+
+
+def _render(value: Any, out: list[str]) -> None:
+    if isinstance(value, dict):
+        out.append("{")
+        for i, key in enumerate(sorted(value, key=_jsonb_key_order)):
+            out.append(", " if i else "")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(": ")
+            _render(value[key], out)
+        out.append("}")
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for i, item in enumerate(value):
+            out.append(", " if i else "")
+            _render(item, out)
+        out.append("]")
+    elif value is None or isinstance(value, str | int | float):  # bool is an int
+        out.append(json.dumps(value, ensure_ascii=False))
+    else:
+        raise TypeError(f"an answer holds JSON text, numbers, booleans and null, not {type(value).__name__}")
+
+
+class StoredResponse(JSONResponse):
+    """A JSONResponse whose body is `render`ed: the form a replay of it takes."""
+
+    def render(self, content: Any) -> bytes:
+        return render(content)
+
+
 def response(stored: Stored) -> JSONResponse:
-    """The stored answer as sent the first time (a problem document for an error status)."""
+    """The stored answer, byte for byte as sent the first time (a problem document for an error status)."""
     media_type = _PROBLEM_MEDIA_TYPE if stored.status_code >= 400 else "application/json"
-    return JSONResponse(stored.body, status_code=stored.status_code, media_type=media_type)
+    return StoredResponse(stored.body, status_code=stored.status_code, media_type=media_type)

@@ -7,13 +7,21 @@ version of `data.trusted_space`, so objections exist to resolve):
 - enterprises A, B and C, each holding a voucher, an application, an award in public notice with an
   objection, a redemption by "its" provider and a pending hold: A's compute voucher is redeemed by provider
   P; B's and C's `data.pilot_dataset` vouchers by provider Q (B's token narrowed to Q);
-- keys: A's enterprise key, P's provider key, an admin, an admin limited to `compute`, an auditor.
+- enterprise D, built as B and C are, for the admin limited to `data`;
+- keys: A's enterprise key, P's provider key, an admin, an admin limited to `compute`, an admin limited to
+  `data`, an auditor.
 
 Each column below is a key aimed at one world: enterprise A on A's objects (own) and on B's (foreign);
 provider P on its own objects (A's voucher) and on Q's (B's); the compute-limited admin and the auditor on
-B's (a data program); the unlimited admin on C's, so that the writes it is allowed to make (revoking,
-reversing, resolving) touch nothing any other column looks at. Writes that are allowed are sent a body
-that is refused on its merits where the route takes one (409/422), so the world stays as built.
+B's (a data program); the data-limited admin on D's (its own program); the unlimited admin on C's, so that
+the writes the admins are allowed to make (revoking, reversing, resolving) touch nothing any other column
+looks at. Writes that are allowed are sent a body that is refused on its merits where the route takes one
+(409/422), so the world stays as built.
+
+API.md, "Admin scope": an admin limited to voucher types acts on its programs' objects only (the
+compute-limited admin is 403 on B's data objects, the data-limited admin allowed on D's), and the registry
+(API keys, entities, affiliations, external awards) and settlements are for an unlimited admin only: both
+limited admins are 403 there, whatever the object.
 
 `test_the_table_covers_every_route` fails when a route is added without a row here.
 """
@@ -78,6 +86,7 @@ class Col(StrEnum):
     PROV_FOREIGN = "provider_foreign"
     ADMIN = "admin"
     ADMIN_COMPUTE = "admin_compute_on_data"
+    ADMIN_DATA = "admin_data_on_data"
     AUDITOR = "auditor"
 
 
@@ -98,9 +107,10 @@ def expect(
     prov_foreign: Exp | None = None,
     admin: Exp = Exp.OK,
     admin_compute: Exp | None = None,
+    admin_data: Exp | None = None,
     auditor: Exp = Exp.DENY,
 ) -> dict[Col, Exp]:
-    """One row's expectations; a foreign column defaults to its own column, the limited admin to the admin."""
+    """One row's expectations; a foreign column defaults to its own column, the limited admins to the admin."""
     return {
         Col.ANON: anon,
         Col.ENT_OWN: ent_own,
@@ -109,12 +119,14 @@ def expect(
         Col.PROV_FOREIGN: prov_foreign if prov_foreign is not None else prov_own,
         Col.ADMIN: admin,
         Col.ADMIN_COMPUTE: admin_compute if admin_compute is not None else admin,
+        Col.ADMIN_DATA: admin_data if admin_data is not None else admin,
         Col.AUDITOR: auditor,
     }
 
 
 PUBLIC = {col: Exp.OK for col in Col}
-ADMIN_ONLY = expect()  # admin writes on objects that carry no voucher type
+# the registry and settlements: an admin limited to no voucher type (API.md, "Admin scope")
+UNRESTRICTED_ADMIN = expect(admin_compute=Exp.DENY, admin_data=Exp.DENY)
 ADMIN_OF_TYPE = expect(admin_compute=Exp.DENY)  # admin writes on a data-program object
 ADMIN_AUDITOR = expect(auditor=Exp.OK)  # reads: every admin (limited or not) and the auditor
 ANY_KEY = expect(ent_own=Exp.OK, prov_own=Exp.OK, auditor=Exp.OK)
@@ -156,15 +168,15 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/metrics"): Row(PUBLIC),
     ("GET", "/.well-known/jwks.json"): Row(PUBLIC),
     ("GET", "/v1/notices"): Row(PUBLIC),
-    # api keys: a limited admin cannot make or revoke a key wider than its own (the target is a data admin key)
+    # api keys: an unlimited admin only (the targets are a data admin key and enterprise keys)
     ("POST", "/v1/api-keys"): Row(
-        ADMIN_OF_TYPE, body=lambda t: {"role": "admin", "name": "matrix", "voucher_types": ["data"]}
-    ),
-    ("GET", "/v1/api-keys"): Row(ADMIN_ONLY),
-    ("DELETE", "/v1/api-keys/{id}"): Row(ADMIN_OF_TYPE, params={"id": "api_key"}),
+        UNRESTRICTED_ADMIN, body=lambda t: {"role": "provider", "name": "matrix", "entity_id": t["entity"]}
+    ),  # a provider key for an enterprise: 422
+    ("GET", "/v1/api-keys"): Row(UNRESTRICTED_ADMIN),
+    ("DELETE", "/v1/api-keys/{id}"): Row(UNRESTRICTED_ADMIN, params={"id": "api_key"}),
     # affiliations
     ("POST", "/v1/affiliations"): Row(
-        ADMIN_ONLY,  # an entity related to itself: 422
+        UNRESTRICTED_ADMIN,  # an entity related to itself: 422
         body=lambda t: {
             "from_entity_id": t["entity"],
             "to_entity_id": t["entity"],
@@ -181,15 +193,15 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/v1/affiliations"): Row(ADMIN_AUDITOR),
     ("GET", "/v1/affiliations/{id}"): Row(ADMIN_AUDITOR, params={"id": "affiliation"}),
     ("PATCH", "/v1/affiliations/{id}"): Row(
-        ADMIN_ONLY, params={"id": "affiliation"}, body=lambda t: {"valid_to": "2000-01-01"}
+        UNRESTRICTED_ADMIN, params={"id": "affiliation"}, body=lambda t: {"valid_to": "2000-01-01"}
     ),  # ends before it began: 422
     # entities
     ("POST", "/v1/entities"): Row(
-        ADMIN_ONLY, body=lambda t: {"uscc": "not-a-code", "name": "matrix", "kind": "enterprise"}
+        UNRESTRICTED_ADMIN, body=lambda t: {"uscc": "not-a-code", "name": "matrix", "kind": "enterprise"}
     ),  # 422 invalid_uscc
     ("GET", "/v1/entities"): Row(ADMIN_AUDITOR),
     ("GET", "/v1/entities/{id}"): Row(ENTITY_READ, params={"id": "entity"}),
-    ("PATCH", "/v1/entities/{id}"): Row(ADMIN_ONLY, params={"id": "entity"}, body=lambda t: {"tags": []}),
+    ("PATCH", "/v1/entities/{id}"): Row(UNRESTRICTED_ADMIN, params={"id": "entity"}, body=lambda t: {"tags": []}),
     ("GET", "/v1/entities/{id}/history"): Row(ENTITY_READ, params={"id": "entity"}),
     ("GET", "/v1/entities/{entity_id}/balances"): Row(
         ENTITY_READ, query=f"year={YEAR}", params={"entity_id": "entity"}
@@ -234,7 +246,7 @@ TABLE: dict[tuple[str, str], Row] = {
         ADMIN_OF_TYPE, params={"objection_id": "objection"}, body=lambda t: {"outcome": "dismissed", "note": "m"}
     ),
     ("POST", "/v1/external-awards"): Row(
-        ADMIN_ONLY,
+        UNRESTRICTED_ADMIN,
         body=lambda t: {
             "entity_id": t["entity"],
             "basis_ref": "nosuchkind:ref",  # 422
@@ -292,7 +304,7 @@ TABLE: dict[tuple[str, str], Row] = {
     ("POST", "/v1/tokens/{jti}/revoke"): Row(HOLDER_OR_ADMIN_OF_TYPE),
     # settlements: cross-program, so an unlimited admin only
     ("POST", "/v1/settlements"): Row(
-        ADMIN_OF_TYPE, idempotent=True, body=lambda t: {"entity_ids": [t["entity"]]}
+        UNRESTRICTED_ADMIN, idempotent=True, body=lambda t: {"entity_ids": [t["entity"]]}
     ),  # an enterprise with nothing payable: 409
     ("GET", "/v1/settlements"): Row(ADMIN_AUDITOR),
     ("GET", "/v1/settlements/{settlement_id}"): Row(ADMIN_AUDITOR, params={"settlement_id": "settlement"}),
@@ -391,15 +403,17 @@ async def _build(client: httpx.AsyncClient, engine: AsyncEngine) -> World:
             ),
             200,
         )
-    a, b, c = [await create_entity(engine, name=f"matrix {n}") for n in "ABC"]
+    a, b, c, d = [await create_entity(engine, name=f"matrix {n}") for n in "ABCD"]
     p, q, seller, x = [await create_entity(engine, kind="provider") for _ in range(4)]
     ent_a = bearer(await create_key(engine, Role.ENTERPRISE, entity_id=a, name="matrix A"))
     prov_p = bearer(await create_key(engine, Role.PROVIDER, entity_id=p, name="matrix P"))
     prov_q = bearer(await create_key(engine, Role.PROVIDER, entity_id=q, name="matrix Q"))
     admin_compute = bearer(await create_key(engine, Role.ADMIN, voucher_types=["compute"], name="matrix compute"))
+    admin_data = bearer(await create_key(engine, Role.ADMIN, voucher_types=["data"], name="matrix data"))
     auditor = bearer(await create_key(engine, Role.AUDITOR, name="matrix auditor"))
     await create_key(engine, Role.ADMIN, voucher_types=["data"], name="matrix spare B")
     await create_key(engine, Role.ENTERPRISE, entity_id=c, name="matrix spare C")
+    await create_key(engine, Role.ENTERPRISE, entity_id=d, name="matrix spare D")
 
     async def submit(program: str, holder: str, basis: dict[str, Any]) -> str:
         body = {"program": program, "applicant_entity_id": holder, "year": YEAR, "basis": basis}
@@ -435,11 +449,12 @@ async def _build(client: httpx.AsyncClient, engine: AsyncEngine) -> World:
         },
     )
     voucher_a = await approve(app_a)
-    # B and C: data.pilot_dataset vouchers, redeemed by Q (B's token narrowed to Q)
+    # B, C and D: data.pilot_dataset vouchers, redeemed by Q (B's token narrowed to Q)
     for name, holder, provider, provider_key, lines in (
         ("A", a, p, prov_p, [{"category": "compute", "amount_fen": 1_000 * YUAN}]),
         ("B", b, q, prov_q, [{"category": "dataset", "amount_fen": 1_000 * YUAN}]),
         ("C", c, q, prov_q, [{"category": "dataset", "amount_fen": 1_000 * YUAN}]),
+        ("D", d, q, prov_q, [{"category": "dataset", "amount_fen": 1_000 * YUAN}]),
     ):
         if name == "A":
             application, voucher = app_a, voucher_a
@@ -490,6 +505,7 @@ async def _build(client: httpx.AsyncClient, engine: AsyncEngine) -> World:
     shared = {"settlement": settled["id"], "entry": entries["data"][0]["id"]}
     world["A"]["api_key"] = world["B"]["api_key"] = await _key_id(client, admin, "matrix spare B")
     world["C"]["api_key"] = await _key_id(client, admin, "matrix spare C")
+    world["D"]["api_key"] = await _key_id(client, admin, "matrix spare D")
     # provider P's own world is A's objects seen from P; Q's world is B's seen from Q
     own_p = {**world["A"], "entity": p, "peer": a}
     foreign_q = {**world["B"], "entity": q, "peer": b}
@@ -501,6 +517,7 @@ async def _build(client: httpx.AsyncClient, engine: AsyncEngine) -> World:
         Col.PROV_FOREIGN: foreign_q,
         Col.ADMIN: world["C"],
         Col.ADMIN_COMPUTE: world["B"],
+        Col.ADMIN_DATA: world["D"],
         Col.AUDITOR: world["B"],
     }
     keys = {
@@ -511,6 +528,7 @@ async def _build(client: httpx.AsyncClient, engine: AsyncEngine) -> World:
         Col.PROV_FOREIGN: prov_p,
         Col.ADMIN: admin,
         Col.ADMIN_COMPUTE: admin_compute,
+        Col.ADMIN_DATA: admin_data,
         Col.AUDITOR: auditor,
     }
     b_objects = {world["B"][k] for k in ("application", "voucher", "redemption", "hold", "jti", "objection")}

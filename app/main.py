@@ -139,6 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             batch_max=settings.redeem_batch_max,
             in_flight_max=settings.redeem_batches_in_flight,
             on_error=invalidate_if_lost,
+            queue_max=settings.redeem_queue_max,
         )
         if settings.background_tasks:
             background = asyncio.create_task(

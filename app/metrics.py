@@ -45,6 +45,12 @@ LEDGER_ENTRIES_POSTED = Counter(
 RATE_LIMITED = Counter(
     "vl_rate_limited_total", "Requests refused 429 rate_limited, by bucket and the role of the key", ["bucket", "role"]
 )
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "vl_http_connections_closed_total",
+    "Connections the server closed on a client that kept it waiting (app/http_guard.py), by reason: "
+    "header_timeout, body_timeout, headers_too_large, evicted or refused (the connection cap)",
+    ["reason"],
+)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"

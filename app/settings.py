@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=256)
     # the largest stretch of the hash chain one journal export may cover (app/routers/exports.py)
     export_entries_max: int = Field(default=5_000_000, ge=1, le=1_000_000_000)
+    # connections a client keeps waiting on itself (app/http_guard.py): uvicorn alone keeps a silent socket,
+    # half-sent headers or a half-sent body open for ever, and a flood of them ran the workers out of fds
+    http_header_timeout_s: float = Field(
+        default=5.0, gt=0, le=300, description="from accept (or a kept-alive request's first byte) to its headers"
+    )
+    http_body_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600, description="from a request's headers to the end of its body (1 MiB at most)"
+    )
+    http_keep_alive_timeout_s: int = Field(default=5, ge=1, le=3600, description="idle between two requests")
+    http_connections_max: int = Field(
+        default=4096, ge=16, le=1_000_000, description="connections per worker process (lowered to fit the fd limit)"
+    )
     # journal exports running at once in the whole service, held in PostgreSQL (app/export_slots.py): each
     # holds a connection, a snapshot and most of a core for seconds to minutes
     exports_concurrent_max: int = Field(
@@ -110,6 +122,11 @@ class Settings(BaseSettings):
     )
     export_statement_timeout_s: float = Field(
         default=60.0, gt=0, le=86_400, description="PostgreSQL statement_timeout on export connections"
+    )
+    # redemptions waiting in a worker for a place in a batch (vouchers.redemption.RedeemBatcher): past this
+    # many the worker answers 503 service_unavailable with Retry-After, so a flood queues for a bounded time
+    redeem_queue_max: int = Field(
+        default=256, ge=1, le=100_000, description="redemptions waiting for a batch per worker before 503"
     )
 
     @field_validator("rate_limits", mode="after")

@@ -3,8 +3,10 @@ through the real app, answered before any database or ledger work."""
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -422,3 +424,63 @@ async def test_refused_requests_are_counted_in_the_metrics(
         exposition = (await client.get("/metrics")).text
         assert f'vl_rate_limited_total{{bucket="export",role="admin"}} {before + 1}' in exposition
         assert 'vl_http_requests_total{method="GET",route="/v1/exports/journal",status="429"}' in exposition
+
+
+# --------------------------------------------------------------------------------------------------------
+# what protects the service when one provider key stays within its (contractual) rate
+
+
+async def _until(check: Callable[[], bool], what: str, wait_s: float = 15.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {wait_s:g} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_worker_queues_a_bounded_number_of_redemptions_and_answers_503_beyond(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """One key within its 10,000/s can still send more than the database does (about 1,700/s on these
+    machines): past `VL_REDEEM_QUEUE_MAX` waiting redemptions a worker answers 503 at once, instead of
+    queueing without end while every caller's latency grows; nothing of the refused request is kept."""
+    settings = limited(settings).model_copy(
+        update={"redeem_batches_in_flight": 1, "redeem_batch_max": 1, "redeem_queue_max": 2}
+    )
+    app = create_app(settings)
+    async with running_app(settings, app) as client:
+        admin = bearer(await create_key(engine, Role.ADMIN))
+        voucher, _holder = await compute_voucher(client, admin, engine, 1_000_000)
+        provider = bearer(await create_key(engine, Role.PROVIDER))
+        token = await token_for(client, admin, voucher)
+
+        async def redeem(n: int) -> httpx.Response:
+            body = {"token": token, "invoice_no": f"Q-{n}", "lines": compute_lines(100)}
+            return await client.post("/v1/redemptions", headers={**provider, "Idempotency-Key": f"q{n}"}, json=body)
+
+        assert (await redeem(0)).status_code == 201  # the key and the token are warm
+        batcher = app.state.redeem_batcher
+        async with engine.connect() as blocker:
+            # the voucher's account locked: the batch out waits on it, so the calls after it queue
+            await blocker.execute(
+                text("SELECT 1 FROM ledger_account WHERE code = :code FOR UPDATE"), {"code": f"voucher:{voucher}"}
+            )
+            first = asyncio.create_task(redeem(1))
+            await _until(lambda: batcher._in_flight == 1 and not batcher._pending, "the first redemption is out")
+            queued = [asyncio.create_task(redeem(n)) for n in (2, 3)]
+            await _until(lambda: len(batcher._pending) == 2, "two redemptions wait")
+            refused = await asyncio.wait_for(redeem(4), 10)
+            assert_problem(refused, 503, "service_unavailable")
+            assert refused.headers["retry-after"] == "1"
+            await blocker.rollback()
+        assert [r.status_code for r in await asyncio.gather(first, *queued)] == [201, 201, 201]
+        assert (await redeem(4)).status_code == 201  # the same key again: the 503 was not its answer
+
+
+def test_the_redemption_queue_bound_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().redeem_queue_max == 256
+    monkeypatch.setenv("VL_REDEEM_QUEUE_MAX", "1000")
+    assert Settings().redeem_queue_max == 1000
+    for nonsense in ("0", "-1", "many"):
+        monkeypatch.setenv("VL_REDEEM_QUEUE_MAX", nonsense)
+        with pytest.raises(ValidationError, match="redeem_queue_max"):
+            Settings()

@@ -523,8 +523,8 @@ def test_settlement_never_pays_a_voucher_beyond_its_face(db_url: str) -> None:
     run_state_machine_as_test(
         SettlementMachine,
         settings=settings(
-            max_examples=6,
-            stateful_step_count=25,
+            max_examples=5,
+            stateful_step_count=20,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),

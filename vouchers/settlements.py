@@ -208,6 +208,8 @@ async def _due(conn: AsyncConnection, ledger: Ledger, entity_id: str) -> _Due | 
     balance = await ledger.locked_balance(conn, code)
     held = balance.credits_posted_fen - balance.debits_posted_fen - balance.debits_pending_fen
     due = min(earned, max(held, 0))
+    if due == 0:  # a payable left below zero before migration 0014: its rows wait until it is whole again
+        return None
     recovered = min(due, await recovery.owed_fen(conn, ledger, entity_id))
     return _Due(
         SettlementItem(entity_id, code, due - recovered, recovered),

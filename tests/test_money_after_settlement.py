@@ -26,6 +26,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import migrate
 from app.apikeys import Role
 from app.db import make_engine
 from app.settings import Settings
@@ -529,3 +530,38 @@ def test_settlement_never_pays_a_voucher_beyond_its_face(db_url: str) -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+
+
+async def test_migration_0014_marks_what_earlier_settlements_paid(fresh_db_url: str) -> None:
+    """Rows written before 0014 are taken as settled by the first settlement of their payee made after
+    them: a refund of one is refused, a redemption made since stays payable."""
+    settings_ = Settings(database_url=fresh_db_url, background_tasks=False, api_key_cache_ttl_s=0)
+    engine = make_engine(fresh_db_url, settings_)
+    try:
+        admin = bearer(await create_key(engine, Role.ADMIN))
+        s = await create_entity(engine, kind="provider")
+        s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
+        async with running_app(settings_) as client:
+            voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
+            token = await token_for(client, admin, voucher)
+            paid = await redeem(client, s_key, token, 100_000)
+            settled = await settle(client, admin, s)
+            payable = await redeem(client, s_key, token, 50_000)
+        await engine.dispose()
+        await asyncio.to_thread(migrate.downgrade, fresh_db_url, "0013")
+        await asyncio.to_thread(migrate.upgrade, fresh_db_url)
+        async with engine.connect() as conn:
+            rows = await conn.execute(text("SELECT id, settlement_id, settled_fen FROM redemption"))
+            marks = {row.id: (row.settlement_id, row.settled_fen) for row in rows}
+        assert marks == {paid["id"]: (settled["id"], 100_000 * YUAN), payable["id"]: (None, 0)}
+        async with running_app(settings_) as client:
+            assert_problem(
+                await client.post(
+                    f"/v1/redemptions/{paid['id']}/refund", headers=keyed(s_key), json={"reason": "not delivered"}
+                ),
+                409,
+                "redemption_settled",
+            )
+            assert (await settle(client, admin, s))["total_fen"] == 50_000 * YUAN
+    finally:
+        await engine.dispose()

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 PROG = "voucher-ledger"
 # A request still running this long after SIGTERM is cut off: a stop must not hang on one client.
 GRACEFUL_SHUTDOWN_S = 10
+# uvicorn kills a worker that does not answer its supervisor's ping within this, and a new worker only answers
+# once it has imported the app: at uvicorn's 5 s, on a busy 2-core machine, workers were killed while importing,
+# again and again, and `serve --workers 2` never answered
+WORKER_HEALTHCHECK_S = 60
 
 
 class CommandFailed(Exception):
@@ -116,6 +120,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             access_log=settings.access_log,
             server_header=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         )
     finally:
         if metrics_dir is not None:

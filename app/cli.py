@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
@@ -29,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import migrate
+from app import metrics_folders, migrate
 from app.apikeys import ApiKey, ApiKeyCreate, Role, create_api_key
 from app.db import make_engine
 from app.embedded import start_embedded
@@ -100,8 +99,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["VL_WORKERS"] = str(args.workers)
         get_settings.cache_clear()
         migrate.upgrade(url)
+        metrics_folders.remove_stale()  # those of services killed before they could remove their own
         if args.workers > 1:
-            metrics_dir = tempfile.mkdtemp(prefix="voucher-ledger-metrics-")
+            metrics_dir = str(metrics_folders.make())
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         # the workers inherit the raised fd limit; each keeps its connections under it (app/http_guard.py)
         limits = ConnectionLimits.from_settings(settings)

@@ -6,7 +6,8 @@ standard methods or `other`.
 
 With `uvicorn --workers N` each worker is a process: when `PROMETHEUS_MULTIPROC_DIR` is set (before this
 module is imported, which `voucher-ledger serve` takes care of), values live in files in that folder and
-`/metrics` aggregates every worker's.
+`/metrics` aggregates every worker's. A worker holds that folder in use while it lives
+(`app.metrics_folders`), so a later `serve` does not take it for one a killed service left behind.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics_folders
+
+metrics_folders.hold_from_environment()
 
 HTTP_REQUESTS = Counter(
     "vl_http_requests_total",

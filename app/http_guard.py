@@ -173,6 +173,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_headers = False  # a request has begun and its headers are not all in
         self._in_body = False  # its headers are in and its body is not
         self._header_bytes = 0
+        self._upgraded = False  # handed to uvicorn's websocket protocol, which times itself
 
     @property
     def responding(self) -> bool:
@@ -202,7 +203,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._header_bytes > HEADER_BYTES_MAX and not self.transport.is_closing():
                 self._close("headers_too_large", HEADERS_TOO_LARGE)
                 return
-        if self._deadline is not None or self.transport.is_closing():
+        if self._deadline is not None or self.transport.is_closing() or self._upgraded:
             return
         if self._in_body:
             self._arm(self._guard.limits.body_timeout_s)
@@ -231,6 +232,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._guard.in_body.pop(self, None)
         super().on_message_complete()
 
+    def handle_websocket_upgrade(self) -> None:
+        self._upgraded = True
+        self._in_headers = self._in_body = False
+        self._disarm()
+        self._guard.forget(self)
+        super().handle_websocket_upgrade()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:  # idle now, on uvicorn's keep-alive timer
@@ -247,7 +255,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self._deadline = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._upgraded:
             return
         cycle = self.cycle
         limits = self._guard.limits

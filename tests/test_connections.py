@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -52,7 +53,9 @@ SLACK_S = 1.5
 
 async def _app(scope: Scope, receive: Receive, send: Send) -> None:
     """Reads the whole body, then answers its length; `/stream` answers 10 chunks 0.3 s apart (3 s in all)."""
-    if scope["type"] != "http":
+    if scope["type"] == "websocket":  # refused, as Starlette refuses a path it has no websocket route for
+        await receive()
+        await send({"type": "websocket.close", "code": 1000})
         return
     size = 0
     while True:
@@ -442,3 +445,19 @@ async def test_a_thousand_half_sent_requests_are_closed_while_the_service_answer
     assert "unhandled error" not in log
     assert "Traceback" not in log
     assert log.count("\n") < 100, service.log_tail(100)
+
+
+async def test_a_websocket_upgrade_leaves_the_connection_to_uvicorn(caplog: pytest.LogCaptureFixture) -> None:
+    """The app has no websocket route: the handshake is refused, and no deadline of ours outlives the handover."""
+    async with _served() as (port, guard):
+        reader, writer = await _connect(port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nhost: test\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        data, _ = await _until_closed(reader)
+        writer.close()
+        await asyncio.sleep(HEADER_S + 0.3)
+        assert not guard.waiting and not guard.in_body
+    assert data.startswith(b"HTTP/1.1 403 "), data
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -13,10 +13,15 @@ The connection comes from the exports' own pool (`app.db.make_engine(exports=Tru
 with a statement timeout, never the request pool that redemptions use. A process whose export connections
 are all leased answers 429 as well, without waiting for one.
 
-`release` gives the slot back when the stream ends, however it ends (the last byte, a client gone
-mid-stream, an error): `ExportResponse` calls it, shielded from cancellation. If the connection cannot say
-`pg_advisory_unlock` (a cancelled query, a lost server), it is invalidated instead: closing the session
-releases the lock just the same.
+`release` gives the slot back when the stream ends, however it ends: `ExportResponse` calls it, shielded
+from cancellation. An export streamed to its end unlocks its slot on its connection, which goes back to the
+pool. One that did not (the client went away mid-stream, a statement failed) may have left a statement
+running on the server that its cancellation does not stop (seen with SQLAlchemy's server-side cursor: the
+cancelled fetch kept waiting, and every later statement on the connection waited behind it), so its
+backend is terminated from a connection of the request pool and the connection discarded: the session
+ends at once, and its lock with it. Closing the socket alone would not do: a backend waiting on a lock
+notices a vanished client only when the wait ends. The same happens to a connection that cannot unlock
+within `RELEASE_GRACE_S`.
 """
 
 from __future__ import annotations
@@ -41,8 +46,11 @@ log = logging.getLogger(__name__)
 EXPORT_LOCK_CLASS = 0x564C4558
 # what a refused export is told to wait: about the per-key export rate's interval (6 a minute)
 BUSY_RETRY_AFTER_S = 10
+# how long a slot's connection may take to unlock it before its backend is terminated instead
+RELEASE_GRACE_S = 2.0
 
-_TRY_SLOT = text("SELECT pg_try_advisory_lock(:class, :slot)")
+_TRY_SLOT = text("SELECT pg_try_advisory_lock(:class, :slot) AS taken, pg_backend_pid() AS pid")
+_TERMINATE = text("SELECT pg_terminate_backend(:pid)")
 _FREE_SLOT = text("SELECT pg_advisory_unlock(:class, :slot)")
 
 
@@ -62,26 +70,38 @@ class ExportsBusy(ProblemError):
 class ExportLease:
     """A slot and the connection that holds it; `release` once, when the export is over."""
 
-    def __init__(self, slots: ExportSlots, conn: AsyncConnection, slot: int) -> None:
+    def __init__(self, slots: ExportSlots, conn: AsyncConnection, slot: int, backend_pid: int) -> None:
         self.conn = conn
         self.slot = slot
+        self.backend_pid = backend_pid
         self._slots = slots
         self._released = False
 
-    async def release(self) -> None:
+    async def release(self, *, finished: bool = True) -> None:
+        """Give the slot back; `finished=False` when the export stopped with work possibly still running
+        on its connection: its session is then ended rather than asked."""
         if self._released:
             return
         self._released = True
         conn = self.conn
+        failure = "no answer" if finished else "the export stopped mid-stream"
         try:
-            if conn.in_transaction():
-                await conn.rollback()
-            await conn.execute(_FREE_SLOT, {"class": EXPORT_LOCK_CLASS, "slot": self.slot})
-            await conn.commit()
-            await conn.close()
-        except Exception as exc:  # the session ends instead, and its locks with it
-            log.warning("export slot %d freed by closing its connection (%s)", self.slot, type(exc).__name__)
-            await self._slots.discard(conn)
+            if finished:
+                with anyio.move_on_after(RELEASE_GRACE_S):
+                    try:
+                        if conn.in_transaction():
+                            await conn.rollback()
+                        await conn.execute(_FREE_SLOT, {"class": EXPORT_LOCK_CLASS, "slot": self.slot})
+                        await conn.commit()
+                        await conn.close()
+                        return
+                    except Exception as exc:
+                        failure = type(exc).__name__
+            # the session ends instead, and its locks with it
+            (log.warning if finished else log.info)(
+                "export slot %d freed by ending its session (%s)", self.slot, failure
+            )
+            await self._slots.end_session(conn, self.backend_pid)
         finally:
             self._slots.leased -= 1
 
@@ -89,9 +109,13 @@ class ExportLease:
 class ExportSlots:
     """This process's way to the service-wide export slots, through the exports' own engine."""
 
-    def __init__(self, engine: AsyncEngine, *, slots_max: int, connections_max: int) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, slots_max: int, connections_max: int, request_engine: AsyncEngine | None = None
+    ) -> None:
+        """`engine`: the exports' own; `request_engine` (default: `engine`) ends a stuck export's session."""
         assert slots_max >= 1 and connections_max >= 1
         self.engine = engine
+        self.request_engine = request_engine or engine
         self.slots_max = slots_max
         self.connections_max = connections_max
         self.leased = 0
@@ -108,9 +132,10 @@ class ExportSlots:
         try:
             conn = await self.engine.connect()
             for slot in range(self.slots_max):
-                if await conn.scalar(_TRY_SLOT, {"class": EXPORT_LOCK_CLASS, "slot": slot}):
+                row = (await conn.execute(_TRY_SLOT, {"class": EXPORT_LOCK_CLASS, "slot": slot})).one()
+                if row.taken:
                     await conn.commit()  # the lock is the session's: it outlives the transaction
-                    return ExportLease(self, conn, slot)
+                    return ExportLease(self, conn, slot, int(row.pid))
             await conn.rollback()
             await conn.close()
         except BaseException:
@@ -123,6 +148,18 @@ class ExportSlots:
             f"{self.slots_max} journal exports are running, the most the service runs at once"
             f" (VL_EXPORTS_CONCURRENT_MAX); retry after {BUSY_RETRY_AFTER_S} s"
         )
+
+    async def end_session(self, conn: AsyncConnection, backend_pid: int) -> None:
+        """Terminate `conn`'s backend from another connection (its locks are freed at once), then discard
+        `conn`."""
+        try:
+            with anyio.fail_after(RELEASE_GRACE_S * 5):
+                async with self.request_engine.connect() as other:
+                    await other.execute(_TERMINATE, {"pid": backend_pid})
+                    await other.commit()
+        except Exception as exc:  # the socket's end will do, once the backend looks at it
+            log.warning("an export's backend could not be terminated (%s)", type(exc).__name__)
+        await self.discard(conn)
 
     async def discard(self, conn: AsyncConnection) -> None:
         """Close `conn`'s session for good (the pool connects a new one): whatever locks it held are freed."""
@@ -138,9 +175,15 @@ class ExportResponse(StreamingResponse):
     """A streamed export that gives its slot back when the stream ends, however it ends."""
 
     def __init__(self, content: AsyncIterator[bytes], lease: ExportLease, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
         self.lease = lease
         self._content = content
+        self._finished = False
+        super().__init__(self._through(content), **kwargs)
+
+    async def _through(self, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in content:
+            yield chunk
+        self._finished = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -155,4 +198,4 @@ class ExportResponse(StreamingResponse):
                         await aclose()
                     except Exception as exc:
                         log.warning("an export's stream ended with %s", type(exc).__name__)
-                await self.lease.release()
+                await self.lease.release(finished=self._finished)

@@ -126,7 +126,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
     app.state.api_keys = authenticator
     app.state.export_slots = ExportSlots(
-        export_engine, slots_max=settings.exports_concurrent_max, connections_max=settings.export_db_pool_size
+        export_engine,
+        slots_max=settings.exports_concurrent_max,
+        connections_max=settings.export_db_pool_size,
+        request_engine=engine,
     )
     app.state.background = None
     try:

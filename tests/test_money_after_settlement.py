@@ -61,6 +61,12 @@ def keyed(headers: dict[str, str]) -> dict[str, str]:
     return {**headers, "Idempotency-Key": f"mas-{uuid.uuid4().hex}-{next(_keys)}"}
 
 
+async def provider(engine: AsyncEngine) -> tuple[str, dict[str, str]]:
+    """A fresh provider entity and its key's headers."""
+    entity = await create_entity(engine, kind="provider")
+    return entity, bearer(await create_key(engine, Role.PROVIDER, entity_id=entity))
+
+
 async def redeem(client: httpx.AsyncClient, key: dict[str, str], token: str, yuan: int) -> dict[str, Any]:
     response = await client.post(
         "/v1/redemptions",
@@ -116,9 +122,7 @@ async def test_a_refund_after_settlement_is_refused_and_the_voucher_pays_out_its
 ) -> None:
     """The attack: S redeems and is settled, then refunds, making the voucher whole again for P to spend."""
     voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
-    s, p = await create_entity(engine, kind="provider"), await create_entity(engine, kind="provider")
-    s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
-    p_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=p))
+    (s, s_key), (p, p_key) = await provider(engine), await provider(engine)
     token = await token_for(client, admin, voucher)
     first = await redeem(client, s_key, token, 400_000)
     assert (await settle(client, admin, s))["total_fen"] == 400_000 * YUAN
@@ -151,8 +155,7 @@ async def test_a_clawback_after_settlement_is_owed_back_and_restores_the_voucher
 ) -> None:
     voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
     other, _other_holder = await compute_voucher(client, admin, engine, 600_000)
-    s = await create_entity(engine, kind="provider")
-    s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
+    s, s_key = await provider(engine)
     clawed = await redeem(client, s_key, await token_for(client, admin, voucher), 500_000)
     await settle(client, admin, s)
 
@@ -202,8 +205,7 @@ async def test_value_recovered_for_an_ended_voucher_returns_to_its_budget(
 ) -> None:
     voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
     other, _other_holder = await compute_voucher(client, admin, engine, 600_000)
-    s = await create_entity(engine, kind="provider")
-    s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
+    s, s_key = await provider(engine)
     clawed = await redeem(client, s_key, await token_for(client, admin, voucher), 100_000)
     await settle(client, admin, s)
     assert (
@@ -256,8 +258,7 @@ async def test_refunds_racing_a_settlement_never_pay_a_fen_twice(
 ) -> None:
     """Each redemption is either refunded before the settlement reads it, or settled and its refund refused."""
     voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
-    s = await create_entity(engine, kind="provider")
-    s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
+    s, s_key = await provider(engine)
     token = await token_for(client, admin, voucher)
     redemptions = [await redeem(client, s_key, token, 10_000) for _ in range(12)]
 
@@ -297,8 +298,7 @@ async def test_a_refund_waits_for_a_settlement_holding_its_redemption_and_is_the
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
     voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
-    s = await create_entity(engine, kind="provider")
-    s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
+    s, s_key = await provider(engine)
     redeemed = await redeem(client, s_key, await token_for(client, admin, voucher), 10_000)
     async with engine.connect() as settling:
         await settlements.settle(settling, Ledger(), entity_ids=[s], items_max=1, actor=None, now=datetime.now(UTC))
@@ -316,8 +316,7 @@ async def test_a_settlement_waits_for_a_refund_in_flight_and_leaves_it_out(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
     voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
-    s = await create_entity(engine, kind="provider")
-    s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
+    s, s_key = await provider(engine)
     token = await token_for(client, admin, voucher)
     refunded, kept = await redeem(client, s_key, token, 10_000), await redeem(client, s_key, token, 20_000)
     async with engine.connect() as refunding:
@@ -389,9 +388,9 @@ class SettlementMachine(RuleBasedStateMachine):
                 self.vouchers.append(voucher)
                 self.tokens.append(await token_for(self.client, self.admin, voucher))
             for _ in range(PROVIDERS):
-                provider = await create_entity(self.engine, kind="provider")
-                self.providers.append(provider)
-                self.keys.append(bearer(await create_key(self.engine, Role.PROVIDER, entity_id=provider)))
+                entity, key = await provider(self.engine)
+                self.providers.append(entity)
+                self.keys.append(key)
 
         self.run(build())
 
@@ -539,8 +538,7 @@ async def test_migration_0014_marks_what_earlier_settlements_paid(fresh_db_url: 
     engine = make_engine(fresh_db_url, settings_)
     try:
         admin = bearer(await create_key(engine, Role.ADMIN))
-        s = await create_entity(engine, kind="provider")
-        s_key = bearer(await create_key(engine, Role.PROVIDER, entity_id=s))
+        s, s_key = await provider(engine)
         async with running_app(settings_) as client:
             voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
             token = await token_for(client, admin, voucher)

@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from conftest import create_database
 from sqlalchemy import text
 
+from app import migrate
+from app.apikeys import Role
 from app.db import make_engine
 from app.settings import Settings
 from ledger.service import Ledger
-from tests.test_support import VOUCHER_LEDGER, free_port
+from tests.test_support import VOUCHER_LEDGER, create_key, free_port
 from vouchers.uscc import make_uscc
 
 YUAN = 100
@@ -275,6 +278,19 @@ async def clients_on_every_worker(
     for client in chosen:
         owners[owner_of[id(client)]] = owners.get(owner_of[id(client)], 0) + 1
     return chosen, owners
+
+
+async def served_database(server_url: str) -> tuple[str, str]:
+    """A fresh database migrated to head on `server_url`, and an admin key for it (made as `voucher-ledger
+    apikey create` makes it)."""
+    url = await create_database(server_url)
+    await asyncio.to_thread(migrate.upgrade, url)
+    engine = make_engine(url, Settings(database_url=url))
+    try:
+        admin = await create_key(engine, Role.ADMIN)
+    finally:
+        await engine.dispose()
+    return url, admin
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -22,13 +22,9 @@ from typing import Any
 
 import pytest
 import uvicorn
-from conftest import create_database, drop_database
+from conftest import drop_database
 from starlette.types import Message, Receive, Scope, Send
 
-from app import migrate
-from app.apikeys import Role
-from app.db import make_engine
-from app.settings import Settings
 from tests.service_support import (
     YUAN,
     Service,
@@ -38,8 +34,8 @@ from tests.service_support import (
     program_year,
     provider_key,
     redemption_body,
+    served_database,
 )
-from tests.test_support import create_key
 
 HEADER_S = 0.6
 BODY_S = 1.2
@@ -355,7 +351,7 @@ def _served_connections(service: Service) -> dict[int, int]:
 async def flooded(
     embedded_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[Service, str]]:
-    url = await create_database(embedded_server_url)
+    url, admin_key = await served_database(embedded_server_url)
     env = {
         "VL_HTTP_HEADER_TIMEOUT_S": str(SERVICE_HEADER_S),
         "VL_HTTP_BODY_TIMEOUT_S": str(SERVICE_BODY_S),
@@ -363,12 +359,6 @@ async def flooded(
     }
     service = Service(url, Path(tmp_path_factory.mktemp("connections")), workers=2, env=env)
     try:
-        await asyncio.to_thread(migrate.upgrade, url)
-        engine = make_engine(url, Settings(database_url=url))
-        try:
-            admin_key = await create_key(engine, Role.ADMIN)
-        finally:
-            await engine.dispose()
         await service.start()
         yield service, admin_key
     finally:

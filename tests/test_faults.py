@@ -19,13 +19,12 @@ from typing import Any, cast
 import asyncpg
 import httpx
 import pytest
-from conftest import create_database, drop_database
+from conftest import drop_database
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app import background, errors, migrate
-from app.apikeys import Role
+from app import background, errors
 from app.db import connection_lost, invalidate_if_lost, make_engine
 from app.main import create_app
 from app.settings import Settings
@@ -46,8 +45,9 @@ from tests.service_support import (
     provider_key,
     query,
     replay,
+    served_database,
 )
-from tests.test_support import assert_problem, create_key, free_port, running_app
+from tests.test_support import assert_problem, free_port, running_app
 
 # --------------------------------------------------------------------------------------------------------
 # Which errors are a lost database
@@ -235,19 +235,6 @@ async def test_invalidate_if_lost_drops_a_connection_a_raw_driver_error_killed(d
 # The service killed mid-load
 
 
-async def _served_database(server_url: str) -> tuple[str, str]:
-    """A fresh database migrated to head, and an admin key for it (made as `voucher-ledger apikey create`
-    makes it)."""
-    url = await create_database(server_url)
-    await asyncio.to_thread(migrate.upgrade, url)
-    engine = make_engine(url, Settings(database_url=url))
-    try:
-        admin = await create_key(engine, Role.ADMIN)
-    finally:
-        await engine.dispose()
-    return url, admin
-
-
 KILL_AFTER_201S = 40  # the kill comes once this many redemptions succeeded: in the middle, whatever the speed
 
 
@@ -255,7 +242,7 @@ KILL_AFTER_201S = 40  # the kill comes once this many redemptions succeeded: in 
 async def test_sigkill_mid_load_loses_nothing_and_replays_resolve_every_outcome(
     embedded_server_url: str, tmp_path: Path
 ) -> None:
-    url, admin_key = await _served_database(embedded_server_url)
+    url, admin_key = await served_database(embedded_server_url)
     service = Service(url, tmp_path)
     try:
         await service.start()
@@ -344,7 +331,7 @@ async def test_losing_the_database_answers_503_and_the_service_recovers_by_itsel
     try:
         await asyncio.to_thread(pg.init)
         await asyncio.to_thread(pg.start)
-        url, admin_key = await _served_database(pg.url())
+        url, admin_key = await served_database(pg.url())
         service = Service(url, tmp_path)
         await service.start()
         processes = (service.pid, service.worker_pids())

@@ -150,20 +150,29 @@ async def test_a_refund_after_settlement_is_refused_and_the_voucher_pays_out_its
     assert refunded.status_code == 200, refunded.text
 
 
-async def test_a_clawback_after_settlement_is_owed_back_and_restores_the_voucher_as_it_is_recovered(
-    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
-) -> None:
+async def settled_then_clawed_back(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine, yuan: int
+) -> tuple[str, str, str, dict[str, str], dict[str, Any]]:
+    """A 600,000 元 voucher whose redemption of `yuan` at a fresh provider was settled, then clawed back, and
+    a second voucher the provider can earn on: (voucher, other voucher, provider, its key, the reversal)."""
     voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
     other, _other_holder = await compute_voucher(client, admin, engine, 600_000)
     s, s_key = await provider(engine)
-    clawed = await redeem(client, s_key, await token_for(client, admin, voucher), 500_000)
+    clawed = await redeem(client, s_key, await token_for(client, admin, voucher), yuan)
     await settle(client, admin, s)
-
     reversed_ = await client.post(
         f"/v1/redemptions/{clawed['id']}/reverse", headers=admin, json={"reason": "invoice forged"}
     )
     assert reversed_.status_code == 200, reversed_.text
-    assert reversed_.json()["reversed_at"] is not None
+    body: dict[str, Any] = reversed_.json()
+    return voucher, other, s, s_key, body
+
+
+async def test_a_clawback_after_settlement_is_owed_back_and_restores_the_voucher_as_it_is_recovered(
+    client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
+) -> None:
+    voucher, other, s, s_key, clawed = await settled_then_clawed_back(client, admin, engine, 500_000)
+    assert clawed["reversed_at"] is not None
     state = await voucher_state(client, admin, voucher)
     # the provider has the money: the voucher regains nothing yet, the provider owes it all
     assert (state["available_fen"], state["redeemed_fen"]) == (100_000 * YUAN, 500_000 * YUAN)
@@ -203,14 +212,7 @@ async def test_a_clawback_after_settlement_is_owed_back_and_restores_the_voucher
 async def test_value_recovered_for_an_ended_voucher_returns_to_its_budget(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
-    voucher, _holder = await compute_voucher(client, admin, engine, 600_000)
-    other, _other_holder = await compute_voucher(client, admin, engine, 600_000)
-    s, s_key = await provider(engine)
-    clawed = await redeem(client, s_key, await token_for(client, admin, voucher), 100_000)
-    await settle(client, admin, s)
-    assert (
-        await client.post(f"/v1/redemptions/{clawed['id']}/reverse", headers=admin, json={"reason": "x"})
-    ).status_code == 200
+    voucher, other, s, s_key, _clawed = await settled_then_clawed_back(client, admin, engine, 100_000)
     revoked = await client.post(f"/v1/vouchers/{voucher}/revoke", headers=admin, json={"reason": "misuse"})
     assert revoked.status_code == 200, revoked.text
     budget_path = f"/v1/programs/compute.purchase/budgets/{YEAR}"

@@ -20,12 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import create_database, drop_database
+from conftest import drop_database
 
-from app import migrate
-from app.apikeys import Role
-from app.db import make_engine
-from app.settings import Settings
 from tests.service_support import (
     YUAN,
     ProviderKey,
@@ -42,8 +38,8 @@ from tests.service_support import (
     query,
     redemption_body,
     register,
+    served_database,
 )
-from tests.test_support import create_key
 
 pytestmark = pytest.mark.slow
 
@@ -64,18 +60,12 @@ class Served:
 @pytest.fixture(scope="module")
 async def served(embedded_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
     """One service with two workers on a fresh database, for the whole module."""
-    url = await create_database(embedded_server_url)
+    url, admin_key = await served_database(embedded_server_url)
     # the races hold connections idle while they open the others, as a provider's pool does: on a busy machine
     # that outlasts the default 5 s, and a request sent as the server closes its idle connection fails
     patient = {"VL_HTTP_KEEP_ALIVE_TIMEOUT_S": "120", "VL_HTTP_HEADER_TIMEOUT_S": "120"}
     service = Service(url, Path(tmp_path_factory.mktemp("workers")), workers=2, env=patient)
     try:
-        await asyncio.to_thread(migrate.upgrade, url)
-        engine = make_engine(url, Settings(database_url=url))
-        try:
-            admin_key = await create_key(engine, Role.ADMIN)
-        finally:
-            await engine.dispose()
         await service.start()
         yield Served(service, url, admin_key, program_year())
         assert "unhandled error" not in service.log_text()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ledger.errors import AccountNotFound
 from ledger.postings import credit, debit
 from ledger.service import Ledger
 from vouchers.applications import new_id
@@ -99,10 +100,10 @@ async def book_receivable(
 async def owed_fen(conn: AsyncConnection, ledger: Ledger, debtor_entity_id: str) -> int:
     """What the debtor owes now, its receivable account locked until the transaction ends (a clawback
     booked meanwhile waits, so what is netted is exactly what was read); 0 when it never owed anything."""
-    code = receivable_account(debtor_entity_id)
-    if not await ledger.balances(conn, codes=[code]):
+    try:
+        return (await ledger.locked_balance(conn, receivable_account(debtor_entity_id))).available_fen
+    except AccountNotFound:
         return 0
-    return (await ledger.locked_balance(conn, code)).available_fen
 
 
 async def outstanding(conn: AsyncConnection, debtor_entity_id: str) -> list[Outstanding]:

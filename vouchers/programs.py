@@ -116,6 +116,10 @@ class PolicySettings(_Strict):
     term_to: date
     appropriation_max_fen: Fen = Field(gt=0)
     timezone: Literal["Asia/Shanghai"]
+    # POLICY.md, "Basis documents, sanctions and timing": no new award for this many years after a
+    # misconduct decision (art. 25), and a voucher stays spendable at least this many days after issue
+    sanction_years: int = Field(default=3, ge=1, le=20)
+    min_validity_days: int = Field(default=90, ge=0, le=366)
 
 
 class DefinitionFile(_Strict):

@@ -34,6 +34,7 @@ from app.routers import entities as entities_router
 from app.routers import exports as exports_router
 from app.routers import ledger as ledger_router
 from app.routers import reports as reports_router
+from app.routers import sanctions as sanctions_router
 from app.routers import settlements as settlements_router
 from app.routers import tokens as tokens_router
 from app.routers import vouchers as vouchers_router
@@ -197,5 +198,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens_router.well_known)
     app.include_router(settlements_router.router, prefix="/v1")
     app.include_router(reports_router.router, prefix="/v1")
+    app.include_router(sanctions_router.router, prefix="/v1")
     app.include_router(exports_router.router, prefix="/v1")
     return app

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.errors import LimitExceeded
-from ledger.postings import credit, debit
+from ledger.postings import Metadata, credit, debit
 from ledger.service import Ledger
 from vouchers.catalog import Catalog
 from vouchers.errors import VoucherError
@@ -150,3 +150,43 @@ async def set_budget(
             {"c": code, "y": year, "b": amount_fen},
         )
     return await budget_state(conn, ledger, code, year)
+
+
+def external_awards_account(year: int) -> str:
+    """What the city paid in `year` under articles other than 8-11, recorded as external awards (art. 27)."""
+    return f"treasury:{year}:external_awards"
+
+
+async def draw_appropriation(
+    conn: AsyncConnection,
+    ledger: Ledger,
+    *,
+    year: int,
+    amount_fen: int,
+    appropriation_fen: int,
+    key: str,
+    memo: str,
+    metadata: Metadata,
+) -> int:
+    """Draw `amount_fen` from `year`'s appropriation for support paid under another article, as a budget is
+    funded: the appropriation account's limit refuses a draw beyond what the program budgets and earlier
+    draws left (art. 27 covers all 28 articles). The ledger entry id; its reversal returns the draw."""
+    await ensure_appropriation(conn, ledger, year, appropriation_fen)
+    await ledger.open_account(conn, external_awards_account(year))
+    try:
+        entry = await ledger.transfer(
+            conn,
+            key=key,
+            postings=[
+                debit(appropriation_account(year), amount_fen),
+                credit(external_awards_account(year), amount_fen),
+            ],
+            memo=memo,
+            metadata=metadata,
+        )
+    except LimitExceeded as refused:
+        raise AppropriationExceeded(
+            f"{year}'s appropriation of {appropriation_fen} fen cannot pay {amount_fen} fen more: with the program "
+            "budgets and the other awards drawn on it, it would be exceeded (art. 27)"
+        ) from refused
+    return entry.id

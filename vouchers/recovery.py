@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -62,8 +63,10 @@ async def book_receivable(
     redemption_id: str | None = None,
     payout_id: str | None = None,
     voucher_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> int:
-    """Book `amount_fen` as owed by `debtor_entity_id` and record the recovery; the ledger entry id."""
+    """Book `amount_fen` as owed by `debtor_entity_id` and record the recovery; the ledger entry id.
+    `metadata` adds to the entry's (a clawback's grounds and sanction, say)."""
     assert amount_fen > 0 and (redemption_id is None) != (payout_id is None)
     recovery_id = new_id("rcv_")
     await ledger.open_account(conn, receivable_account(debtor_entity_id), limit="credits_must_not_exceed_debits")
@@ -74,7 +77,13 @@ async def book_receivable(
         key=key,
         postings=[debit(receivable_account(debtor_entity_id), amount_fen), credit(CLAWBACK_ACCOUNT, amount_fen)],
         memo=f"clawback of settled {source}: {amount_fen} fen owed back by {debtor_entity_id}",
-        metadata={"recovery": recovery_id, "redemption": redemption_id, "payout": payout_id, "voucher": voucher_id},
+        metadata={
+            "recovery": recovery_id,
+            "redemption": redemption_id,
+            "payout": payout_id,
+            "voucher": voucher_id,
+            **(metadata or {}),
+        },
     )
     await conn.execute(
         text(

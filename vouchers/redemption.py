@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ledger import driver
 from ledger.postings import check_memo_and_metadata, credit, debit
 from ledger.service import Ledger
-from vouchers import recovery
+from vouchers import recovery, sanctions
 from vouchers.affiliation_graph import Thresholds
 from vouchers.affiliations import check_affiliation_at, check_affiliation_cached, path_documents
 from vouchers.applications import AffiliationChecker, new_id
@@ -35,6 +35,7 @@ from vouchers.errors import VoucherError
 from vouchers.keys import KeyRing
 from vouchers.programs import ProgramDefinition
 from vouchers.rules import SHANGHAI, share_of
+from vouchers.sanctions import Grounds
 from vouchers.tokens import InvalidToken, VerifiedToken, WrongProvider, verify_token
 from vouchers.vouchers import VoucherExpired, VoucherNotFound, VoucherRevoked, return_value, voucher_account
 
@@ -383,6 +384,7 @@ async def give_back(
     key: str,
     memo: str,
     now: datetime,
+    metadata: dict[str, Any] | None = None,
 ) -> int:
     """Return `amount_fen` of an unsettled redemption's subsidy from the provider's payable account (see
     `vouchers.vouchers.return_value`). The entry id."""
@@ -394,7 +396,7 @@ async def give_back(
         amount_fen=amount_fen,
         key=key,
         memo=memo,
-        metadata={"redemption": redemption.id, "voucher": redemption.voucher_id},
+        metadata={"redemption": redemption.id, "voucher": redemption.voucher_id, **(metadata or {})},
         now=now,
     )
     await conn.execute(
@@ -442,15 +444,44 @@ async def refund(
 
 
 async def reverse(
-    conn: AsyncConnection, ledger: Ledger, *, redemption_id: str, reason: str, now: datetime
+    conn: AsyncConnection,
+    ledger: Ledger,
+    *,
+    redemption_id: str,
+    reason: str,
+    grounds: Grounds,
+    actor: str | None,
+    sanction_years: int,
+    now: datetime,
 ) -> Redemption:
-    """Clawback by a compensating entry; the redemption is marked reversed. Unsettled, everything of it not
-    yet refunded goes back from the provider's payable account (to the voucher, or to the budget if the
-    voucher has ended). Settled, the provider has the money: what it was paid is booked as owed by it and
-    the voucher regains value only as that is recovered (vouchers/recovery.py)."""
+    """Clawback by a compensating entry; the redemption is marked reversed with its grounds. Unsettled,
+    everything of it not yet refunded goes back from the provider's payable account (to the voucher, or to
+    the budget if the voucher has ended). Settled, the provider has the money: what it was paid is booked as
+    owed by it and the voucher regains value only as that is recovered (vouchers/recovery.py).
+
+    Misconduct (art. 25): the voucher's holder is sanctioned and the voucher marked, so the clawed-back
+    value (now, or as it is recovered) goes to the program budget, never back to the voucher of the entity
+    found misusing it, and its face value stays used against the cap."""
     redemption = await get_redemption(conn, redemption_id, for_update=True)
     if redemption.reversed_at is not None:
         raise RefundTooLarge(f"redemption {redemption_id} was already reversed")
+    if redemption.settlement_id is None and redemption.subsidy_fen - redemption.refunded_fen <= 0:
+        raise RefundTooLarge(f"redemption {redemption_id} was refunded in full already")
+    sanction_id = None
+    if grounds == "misconduct":
+        sanction = await sanctions.impose(
+            conn,
+            entity_id=redemption.holder_entity_id,
+            reason=reason,
+            source_kind="redemption",
+            source_id=redemption_id,
+            years=sanction_years,
+            actor=actor,
+            now=now,
+        )
+        sanction_id = sanction.id
+        await sanctions.mark_voucher(conn, redemption.voucher_id, sanction.id)
+    audit = {"grounds": grounds, "sanction": sanction_id}
     if redemption.settlement_id is not None:
         voucher = (
             await conn.execute(text("SELECT program, year FROM voucher WHERE id = :id"), {"id": redemption.voucher_id})
@@ -466,17 +497,26 @@ async def reverse(
             key=f"reverse:{redemption_id}",
             redemption_id=redemption_id,
             voucher_id=redemption.voucher_id,
+            metadata=audit,
         )
     else:
         left = redemption.subsidy_fen - redemption.refunded_fen
-        if left <= 0:
-            raise RefundTooLarge(f"redemption {redemption_id} was refunded in full already")
         entry_id = await give_back(
-            conn, ledger, redemption, left, key=f"reverse:{redemption_id}", memo=f"clawback: {reason}", now=now
+            conn,
+            ledger,
+            redemption,
+            left,
+            key=f"reverse:{redemption_id}",
+            memo=f"clawback ({grounds}): {reason}",
+            now=now,
+            metadata=audit,
         )
     await conn.execute(
-        text("UPDATE redemption SET reversed_at = now(), reversal_entry_id = :e WHERE id = :id"),
-        {"e": entry_id, "id": redemption_id},
+        text(
+            "UPDATE redemption SET reversed_at = now(), reversal_entry_id = :e, reversal_grounds = :g, "
+            "sanction_id = :s WHERE id = :id"
+        ),
+        {"e": entry_id, "g": grounds, "s": sanction_id, "id": redemption_id},
     )
     return await get_redemption(conn, redemption_id)
 
@@ -774,7 +814,7 @@ async def _policy_refusal(
             cached = await check_affiliation_at(await reads.conn(), holder, provider, on, thresholds, reload=reload)
         version, answer = cached
         if answer.affiliated:
-            return _affiliated(provider, holder, on, path_documents(answer.path)), version
+            return _affiliated(provider, holder, on, path_documents(answer.path, answer.held_on)), version
     if owed.subsidy_fen == 0:
         return _nothing_eligible(program, invoice_no), version
     return None, version

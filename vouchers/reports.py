@@ -23,19 +23,21 @@ and, from the voucher and payout rows with the vouchers' ledger accounts, where 
     returning = what ended (revoked, expired) vouchers still show on their accounts, on its way back to the
                 budget (the expiry sweep or the hold return has not reached it yet)
 
-Awards count applications `issued` (a reversed award is counted apart); vouchers are counted by status as
-read (an active voucher past its expiry counts as expired).
+Awards count applications `issued` (a reversed award is counted apart, and of those the ones reversed for
+misconduct); vouchers are counted by status as read (an active voucher past its expiry counts as expired),
+with those revoked for misconduct and those on which misconduct was found.
 
 Entity statement: every ledger entry of a calendar year (Asia/Shanghai) that touches the entity's accounts,
 `entity:{id}:payable`, `provider:{id}:receivable` (what it owes back after a clawback of settled money,
 a negative balance) and `voucher:{id}` of every voucher it holds, one line per (entry, account) in
 (created_at, entry id, account) order; `in` is a posted credit, `out` a posted debit, `balance` the
-account's posted credits less debits after the line, `pending` what holds reserve on it after the line.
+account's posted credits less debits after the line, `pending` what holds reserve on it after the line;
+and every sanction decided against the entity (art. 25), so an auditor sees why it receives nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -43,11 +45,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.service import Ledger
+from vouchers import sanctions
 from vouchers.budgets import appropriation_account, budget_account
 from vouchers.entities import EntityNotFound
 from vouchers.recovery import receivable_account
 from vouchers.redemption import payable_account
 from vouchers.rules import SHANGHAI, year_end
+from vouchers.sanctions import Sanction
 from vouchers.vouchers import voucher_account
 
 
@@ -58,6 +62,7 @@ class AwardCounts:
     in_notice: int
     vouchers: int  # issued awards that are vouchers
     payouts: int  # issued awards that are payouts
+    reversed_misconduct: int = 0  # of `reversed`, those reversed for misconduct (art. 25)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,8 @@ class VoucherCounts:
     expired: int
     revoked: int
     total: int
+    revoked_misconduct: int = 0  # of `revoked`, those revoked for misconduct (art. 25)
+    misconduct: int = 0  # vouchers on which misconduct was found (revocation, award or redemption reversal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +129,8 @@ async def program_report(
     vouchers = (
         await conn.execute(
             text(
-                "SELECT id, status, expires_at, face_value_fen, released_fen FROM voucher "
-                "WHERE program = :p AND year = :y"
+                "SELECT id, status, expires_at, face_value_fen, released_fen, revocation_grounds, "
+                "misconduct_sanction_id FROM voucher WHERE program = :p AND year = :y"
             ),
             {"p": program, "y": year},
         )
@@ -161,6 +168,7 @@ async def program_report(
             text(
                 "SELECT count(*) FILTER (WHERE a.status = 'issued') AS issued, "
                 "count(*) FILTER (WHERE a.status = 'reversed') AS reversed, "
+                "count(*) FILTER (WHERE a.reversal_grounds = 'misconduct') AS reversed_misconduct, "
                 "count(*) FILTER (WHERE a.status IN ('in_notice', 'held')) AS in_notice, "
                 "count(v.id) FILTER (WHERE a.status = 'issued') AS vouchers, "
                 "count(p.id) FILTER (WHERE a.status = 'issued') AS payouts "
@@ -191,8 +199,14 @@ async def program_report(
             in_notice=int(awards.in_notice),
             vouchers=int(awards.vouchers),
             payouts=int(awards.payouts),
+            reversed_misconduct=int(awards.reversed_misconduct),
         ),
-        vouchers=VoucherCounts(total=len(vouchers), **by_status),
+        vouchers=VoucherCounts(
+            total=len(vouchers),
+            revoked_misconduct=sum(1 for v in vouchers if v.revocation_grounds == "misconduct"),
+            misconduct=sum(1 for v in vouchers if v.misconduct_sanction_id is not None),
+            **by_status,
+        ),
     )
 
 
@@ -237,6 +251,7 @@ class Statement:
     period_to: datetime
     accounts: list[StatementAccount]
     lines: list[StatementLine]  # up to `limit` lines after the cursor
+    sanctions: list[Sanction] = field(default_factory=list)  # every sanction decided against it (art. 25)
 
 
 def year_start(year: int) -> datetime:
@@ -367,7 +382,9 @@ async def statement(
                 pending_fen=pending,
             )
         )
-    return Statement(entity_id, year, period_from, period_to, accounts, lines)
+    return Statement(
+        entity_id, year, period_from, period_to, accounts, lines, await sanctions.for_entity(conn, entity_id)
+    )
 
 
 __all__ = [

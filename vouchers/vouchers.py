@@ -39,13 +39,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ledger.errors import AlreadyReversed, Refusal
 from ledger.postings import credit, debit
 from ledger.service import Balance, Ledger, run_in_transaction
-from vouchers import recovery
+from vouchers import recovery, sanctions
 from vouchers.applications import ApplicationNotFound
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
 from vouchers.entities import EntityNotFound
 from vouchers.errors import VoucherError
 from vouchers.rules import cap_for
+from vouchers.sanctions import Grounds, Sanction
 
 VoucherStatus = Literal["active", "expired", "revoked"]
 SWEEP_BATCH = 200
@@ -92,6 +93,8 @@ class Voucher:
     created_at: datetime
     ended_at: datetime | None
     end_reason: str | None
+    revocation_grounds: str | None = None
+    misconduct_sanction_id: str | None = None  # misconduct was found on it: its face value stays used
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,9 @@ class Reversal:
     reversed_at: datetime
     released_documents: tuple[str, ...]
     voucher: Voucher | None
+    grounds: Grounds = "administrative"
+    kept_documents: tuple[str, ...] = ()  # misconduct: claimed for good
+    sanction: Sanction | None = None
 
 
 # -- reads ------------------------------------------------------------------------------------------
@@ -135,7 +141,7 @@ class Reversal:
 _COLUMNS = """
     v.id, v.program, v.holder_entity_id, v.year, v.status, v.face_value_fen, v.released_fen, v.expires_at,
     v.application_id, v.vendor_entity_id, v.redemption_rate_bp, v.created_at, v.ended_at, v.end_reason,
-    v.awaiting_holds, (a.status = 'reversed') AS award_reversed
+    v.awaiting_holds, (a.status = 'reversed') AS award_reversed, v.revocation_grounds, v.misconduct_sanction_id
 """
 _FROM = "FROM voucher v JOIN application a ON a.id = v.application_id"
 # the read-time rule: an active voucher past its expiry is expired whether or not the sweep has run
@@ -179,6 +185,8 @@ def _voucher(row: Any, balance: Balance, now: datetime) -> Voucher:
         created_at=row.created_at,
         ended_at=row.ended_at,
         end_reason=row.end_reason,
+        revocation_grounds=row.revocation_grounds,
+        misconduct_sanction_id=row.misconduct_sanction_id,
     )
 
 
@@ -242,7 +250,8 @@ async def entity_balances(
     program order. `cap_fen` is the cap that governs the program for this entity (raised by its tags where
     the definition says). `cap_used_fen` is, for a cap per entity-year, what was issued less what was
     released (what approvals count); for a cap per project, contract, dataset, scenario or filing, the
-    amount issued on awards that stand (each award is within its own cap; the sum is for information)."""
+    amount issued on awards that stand (each award is within its own cap; the sum is for information).
+    Cap use per entity-year follows the one rule of vouchers/sanctions.py (misconduct keeps it used)."""
     tags = await conn.scalar(text("SELECT tags FROM entity WHERE id = :id"), {"id": entity_id})
     if tags is None:
         raise EntityNotFound(f"no entity {entity_id}")
@@ -267,6 +276,7 @@ async def entity_balances(
         )
     ).all()
     programs = sorted({v.program for v in vouchers} | {p.program for p in payouts})
+    entity_year_used = await sanctions.cap_used_by_program(conn, entity_id, year)
     result = []
     for code in programs:
         definition = catalog.for_year(code, year)
@@ -278,7 +288,7 @@ async def entity_balances(
         issued_fen = sum(v.face_value_fen for v in mine) + sum(int(p.amount_fen) for p in paid)
         released_fen = sum(v.released_fen for v in mine) + sum(int(p.amount_fen) for p in paid if p.award_reversed)
         entity_year = cap.applies_to == "entity_year"
-        cap_used = issued_fen - released_fen if entity_year else standing_fen + paid_fen
+        cap_used = entity_year_used.get(code, 0) if entity_year else standing_fen + paid_fen
         result.append(
             ProgramBalance(
                 program=code,
@@ -316,7 +326,14 @@ async def _locked_balance(conn: AsyncConnection, ledger: Ledger, voucher_id: str
 
 
 async def _return_to_budget(
-    conn: AsyncConnection, ledger: Ledger, row: Any, amount_fen: int, *, key: str, memo: str
+    conn: AsyncConnection,
+    ledger: Ledger,
+    row: Any,
+    amount_fen: int,
+    *,
+    key: str,
+    memo: str,
+    metadata: dict[str, Any] | None = None,
 ) -> int | None:
     """Move `amount_fen` from the voucher to its program budget; the entry id, or None for nothing."""
     if amount_fen == 0:
@@ -330,7 +347,13 @@ async def _return_to_budget(
                 credit(budget_account(row.program, row.year), amount_fen),
             ],
             memo=memo,
-            metadata={"voucher": row.id, "program": row.program, "year": row.year, "holder": row.holder_entity_id},
+            metadata={
+                "voucher": row.id,
+                "program": row.program,
+                "year": row.year,
+                "holder": row.holder_entity_id,
+                **(metadata or {}),
+            },
         )
     except Refusal as refused:
         # impossible under the account lock; never let the refusal be committed under this key
@@ -347,22 +370,40 @@ async def _end(
     status: Literal["expired", "revoked"],
     reason: str,
     now: datetime,
+    grounds: Grounds | None = None,
+    sanction_id: str | None = None,
 ) -> tuple[int, int | None]:
     """End an active voucher whose row the caller has locked: return what is available to the budget
-    (holds in flight stay reserved), record the status. Returns (fen returned, ledger entry id)."""
+    (holds in flight stay reserved), record the status (and, for a revocation, its grounds, which the
+    ledger entry's metadata carries with the sanction it brought). Returns (fen returned, ledger entry id)."""
+    assert (grounds is not None) == (status == "revoked")
     assert row.status == "active"
     balance = await _locked_balance(conn, ledger, row.id)
     amount = balance.available_fen
     key = f"expire:{row.id}" if status == "expired" else f"revoke:{row.id}"
     entry_id = await _return_to_budget(
-        conn, ledger, row, amount, key=key, memo=f"voucher {row.id} {status}: unspent value returns to the budget"
+        conn,
+        ledger,
+        row,
+        amount,
+        key=key,
+        memo=f"voucher {row.id} {status}: unspent value returns to the budget",
+        metadata=None if grounds is None else {"grounds": grounds, "sanction": sanction_id},
     )
     await conn.execute(
         text(
             "UPDATE voucher SET status = :s, released_fen = released_fen + :a, ended_at = :now, end_reason = :r, "
-            "awaiting_holds = :held WHERE id = :id AND status = 'active'"
+            "awaiting_holds = :held, revocation_grounds = :g WHERE id = :id AND status = 'active'"
         ),
-        {"s": status, "a": amount, "now": now, "r": reason, "held": balance.debits_pending_fen > 0, "id": row.id},
+        {
+            "s": status,
+            "a": amount,
+            "now": now,
+            "r": reason,
+            "held": balance.debits_pending_fen > 0,
+            "g": grounds,
+            "id": row.id,
+        },
     )
     return amount, entry_id
 
@@ -376,15 +417,39 @@ def _refuse_if_ended(row: Any, now: datetime) -> None:
 
 
 async def revoke(
-    conn: AsyncConnection, ledger: Ledger, *, voucher_id: str, reason: str | None, now: datetime
+    conn: AsyncConnection,
+    ledger: Ledger,
+    *,
+    voucher_id: str,
+    reason: str | None,
+    grounds: Grounds,
+    actor: str | None,
+    sanction_years: int,
+    now: datetime,
 ) -> Voucher:
     """Revoke an active voucher: its available value returns to the program budget at once, holds in flight
-    stay reserved (see the module docstring), and the holder's cap room comes back by what was returned."""
+    stay reserved (see the module docstring). Administrative grounds give the holder's cap room back by
+    what was returned; misconduct keeps the whole face value used and sanctions the holder (art. 25)."""
     row = await _locked_row(conn, voucher_id)
     if row is None:
         raise VoucherNotFound(f"no voucher {voucher_id}")
     _refuse_if_ended(row, now)
-    await _end(conn, ledger, row, status="revoked", reason=reason or "revoked by an administrator", now=now)
+    why = reason or "revoked by an administrator"
+    sanction_id = None
+    if grounds == "misconduct":
+        sanction = await sanctions.impose(
+            conn,
+            entity_id=row.holder_entity_id,
+            reason=why,
+            source_kind="voucher",
+            source_id=voucher_id,
+            years=sanction_years,
+            actor=actor,
+            now=now,
+        )
+        sanction_id = sanction.id
+        await sanctions.mark_voucher(conn, voucher_id, sanction.id)
+    await _end(conn, ledger, row, status="revoked", reason=why, now=now, grounds=grounds, sanction_id=sanction_id)
     return await get_voucher(conn, ledger, voucher_id, now=now)
 
 
@@ -474,14 +539,19 @@ async def return_value(
 ) -> int:
     """Give `amount_fen` of a voucher's spent value back from `debit_account` (a provider's payable after a
     refund, the clawback account after a recovery): to the voucher while it can still be spent, else to its
-    program budget, counted as released. Locks the voucher row as ending it does. The entry id."""
+    program budget, counted as released. A voucher on which misconduct was found gets nothing back: the
+    value goes to the budget (art. 25; the holder is not handed back what it misused). Locks the voucher row
+    as ending it does. The entry id."""
     voucher = (
         await conn.execute(
-            text("SELECT id, program, year, status, expires_at FROM voucher WHERE id = :id FOR UPDATE"),
+            text(
+                "SELECT id, program, year, status, expires_at, misconduct_sanction_id FROM voucher "
+                "WHERE id = :id FOR UPDATE"
+            ),
             {"id": voucher_id},
         )
     ).one()
-    active = voucher.status == "active" and voucher.expires_at > now
+    active = voucher.status == "active" and voucher.expires_at > now and voucher.misconduct_sanction_id is None
     target = voucher_account(voucher.id) if active else budget_account(voucher.program, voucher.year)
     entry = await ledger.transfer(
         conn,
@@ -510,14 +580,24 @@ async def application_program(conn: AsyncConnection, application_id: str) -> tup
 
 
 async def reverse_award(
-    conn: AsyncConnection, ledger: Ledger, *, application_id: str, reason: str, actor: str, now: datetime
+    conn: AsyncConnection,
+    ledger: Ledger,
+    *,
+    application_id: str,
+    reason: str,
+    grounds: Grounds,
+    actor: str,
+    sanction_years: int,
+    now: datetime,
 ) -> Reversal:
     """Reverse an issued award (clawback; 就高 is explicit, art. 25): a voucher is revoked (its unspent value
     returns to the budget) and refused when any of its value was redeemed or is held at a provider, since
     that value must first be clawed back from the providers; a payout not yet settled is undone by a
     compensating ledger entry (payable -> budget), a settled one is booked as owed back by the beneficiary
-    (vouchers/recovery.py). The application becomes `reversed` and its basis documents are released, so
-    each may support another award. Both the award and its reversal stay in the journal."""
+    (vouchers/recovery.py). The application becomes `reversed`. On administrative grounds its basis documents
+    are released, so each may support another award (就高), and the cap room comes back; on misconduct the
+    documents stay claimed for good, the cap room stays used and the applicant is sanctioned (art. 25).
+    Both the award and its reversal stay in the journal, the reversal's entry naming grounds and sanction."""
     application = (
         await conn.execute(
             text(
@@ -538,12 +618,11 @@ async def reverse_award(
             text(f"SELECT {_COLUMNS} {_FROM} WHERE v.application_id = :id FOR UPDATE OF v"), {"id": application_id}
         )
     ).first()
-    memo = f"award {application_id} reversed: {reason}"[:500]
+    memo = f"award {application_id} reversed ({grounds}): {reason}"[:500]
     voucher: Voucher | None = None
     entry_id: int | None = None
+    sanction: Sanction | None = None
     if voucher_row is not None:
-        kind: Literal["voucher", "payout"] = "voucher"
-        award_id = voucher_row.id
         current = _voucher(voucher_row, await _locked_balance(conn, ledger, voucher_row.id), now)
         if current.redeemed_fen or current.held_fen:
             raise AwardNotReversible(
@@ -551,6 +630,23 @@ async def reverse_award(
                 "providers: that value is clawed back from the providers first (reverse the redemptions, let the "
                 "holds end), then the award can be reversed"
             )
+    if grounds == "misconduct":
+        sanction = await sanctions.impose(
+            conn,
+            entity_id=application.applicant_entity_id,
+            reason=reason,
+            source_kind="application",
+            source_id=application_id,
+            years=sanction_years,
+            actor=actor,
+            now=now,
+        )
+    sanction_id = None if sanction is None else sanction.id
+    if voucher_row is not None:
+        kind: Literal["voucher", "payout"] = "voucher"
+        award_id = voucher_row.id
+        if sanction is not None:
+            await sanctions.mark_voucher(conn, voucher_row.id, sanction.id)
         returned = 0
         if voucher_row.status == "active":
             # a voucher past its expiry that the sweep has not reached is expired here, as the sweep would
@@ -562,6 +658,8 @@ async def reverse_award(
                 status=status,
                 reason=f"award reversed: {reason}" if status == "revoked" else "expired at the end of its validity",
                 now=now,
+                grounds=grounds if status == "revoked" else None,
+                sanction_id=sanction_id if status == "revoked" else None,
             )
     else:
         # locked as a settlement locks it: the payout is reversed either before it is paid or after
@@ -584,7 +682,13 @@ async def reverse_award(
                     key=f"reverse:{application_id}",
                     entry_id=int(payout.entry_id),
                     memo=memo,
-                    metadata={"application": application_id, "payout": payout.id, "actor": actor},
+                    metadata={
+                        "application": application_id,
+                        "payout": payout.id,
+                        "actor": actor,
+                        "grounds": grounds,
+                        "sanction": sanction_id,
+                    },
                 )
             except AlreadyReversed as refused:
                 raise AwardNotReversible(f"payout {payout.id}'s issuing entry was already reversed") from refused
@@ -602,26 +706,43 @@ async def reverse_award(
                 reason=reason,
                 key=f"reverse:{application_id}",
                 payout_id=payout.id,
+                metadata={"application": application_id, "grounds": grounds, "sanction": sanction_id},
             )
         await conn.execute(text("UPDATE payout SET reversed_at = now() WHERE id = :id"), {"id": payout.id})
     reversed_at = (
         await conn.execute(
             text(
                 "UPDATE application SET status = 'reversed', reversed_at = now(), reversed_by = :by, "
-                "reversal_reason = :r, updated_at = now() WHERE id = :id RETURNING reversed_at"
+                "reversal_reason = :r, reversal_grounds = :g, sanction_id = :s, updated_at = now() "
+                "WHERE id = :id RETURNING reversed_at"
             ),
-            {"by": actor, "r": reason, "id": application_id},
+            {"by": actor, "r": reason, "g": grounds, "s": sanction_id, "id": application_id},
         )
     ).scalar_one()
-    released = (
-        await conn.execute(
-            text(
-                "UPDATE basis_claim SET released_at = now() WHERE application_id = :id AND released_at IS NULL "
-                "RETURNING document"
-            ),
-            {"id": application_id},
+    released: list[str] = []
+    kept: list[str] = []
+    if grounds == "administrative":
+        released = list(
+            (
+                await conn.execute(
+                    text(
+                        "UPDATE basis_claim SET released_at = now() WHERE application_id = :id "
+                        "AND released_at IS NULL RETURNING document"
+                    ),
+                    {"id": application_id},
+                )
+            ).scalars()
         )
-    ).scalars()
+    else:
+        # misconduct: the documents stay claimed for ever, so the same papers never earn an award again
+        kept = list(
+            (
+                await conn.execute(
+                    text("SELECT document FROM basis_claim WHERE application_id = :id AND released_at IS NULL"),
+                    {"id": application_id},
+                )
+            ).scalars()
+        )
     if voucher_row is not None:
         voucher = await get_voucher(conn, ledger, voucher_row.id, now=now)
     return Reversal(
@@ -638,6 +759,9 @@ async def reverse_award(
         reversed_at=reversed_at,
         released_documents=tuple(sorted(released)),
         voucher=voucher,
+        grounds=grounds,
+        kept_documents=tuple(sorted(kept)),
+        sanction=sanction,
     )
 
 

@@ -31,6 +31,7 @@ from app.schemas import PositiveFen, RequestModel, ResponseModel
 from vouchers import redemption as service
 from vouchers.programs import Category
 from vouchers.redemption import HOLD_DEFAULT_S, HOLD_MAX_S, Hold, Line, Presented, Redemption
+from vouchers.sanctions import Grounds
 from vouchers.tokens import verify_token
 
 router = APIRouter(tags=["redemptions"], responses=problem_responses(401, 403, 422))
@@ -82,6 +83,11 @@ class RefundIn(RequestModel):
 
 class ReverseIn(RequestModel):
     reason: Reason
+    grounds: Grounds = Field(
+        description="`administrative`: the value goes back to the voucher (or the budget once it has ended). "
+        "`misconduct`: the voucher's holder is sanctioned (art. 25) and the value goes to the program budget, "
+        "never back to the voucher"
+    )
 
 
 class RedemptionOut(ResponseModel):
@@ -326,7 +332,14 @@ async def reverse(
         if not caller.administers(request.app.state.catalog.for_year(program.program, program.year).voucher_type):
             raise Forbidden("this key does not administer this voucher's program")
         reversed_ = await service.reverse(
-            conn, request.app.state.ledger, redemption_id=redemption_id, reason=body.reason, now=datetime.now(UTC)
+            conn,
+            request.app.state.ledger,
+            redemption_id=redemption_id,
+            reason=body.reason,
+            grounds=body.grounds,
+            actor=caller.key_id,
+            sanction_years=request.app.state.catalog.policy.sanction_years,
+            now=datetime.now(UTC),
         )
         return 200, _redemption_out(reversed_)
 

@@ -14,12 +14,14 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
+from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.apikeys import Role
 from app.dependencies import AdminOrAuditorCaller, CallerDep
 from app.errors import problem_responses
 from app.pagination import Cursor, PageDep, split_page
+from app.routers.sanctions import SanctionOut
 from app.schemas import ResponseModel
 from ledger.service import Ledger
 from vouchers import reports
@@ -41,6 +43,7 @@ class AwardCountsOut(ResponseModel):
     in_notice: int
     vouchers: int
     payouts: int
+    reversed_misconduct: int = Field(description="of `reversed`, those reversed for misconduct (art. 25)")
 
 
 class VoucherCountsOut(ResponseModel):
@@ -48,6 +51,8 @@ class VoucherCountsOut(ResponseModel):
     expired: int
     revoked: int
     total: int
+    revoked_misconduct: int = Field(description="of `revoked`, those revoked for misconduct (art. 25)")
+    misconduct: int = Field(description="vouchers on which misconduct was found (their face value stays used)")
 
 
 class ProgramReportOut(ResponseModel):
@@ -99,6 +104,7 @@ class StatementOut(ResponseModel):
     period_from: datetime
     period_to: datetime
     accounts: list[StatementAccountOut]
+    sanctions: list[SanctionOut] = Field(description="every sanction decided against the entity (art. 25)")
     data: list[StatementLineOut]
     next_cursor: str | None
 
@@ -154,6 +160,7 @@ async def entity_statement(
         period_from=found.period_from,
         period_to=found.period_to,
         accounts=[StatementAccountOut.model_validate(a) for a in found.accounts],
+        sanctions=[SanctionOut.of(s) for s in found.sanctions],
         data=[
             StatementLineOut(
                 entry_id=str(line.entry_id),

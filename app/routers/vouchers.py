@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import StringConstraints
+from pydantic import Field, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.apikeys import Caller, Role
@@ -29,6 +29,7 @@ from vouchers.catalog import Catalog
 from vouchers.entities import EntityNotFound
 from vouchers.programs import ProgramCode
 from vouchers.rules import program_year
+from vouchers.sanctions import Grounds
 from vouchers.vouchers import Voucher, VoucherNotFound, VoucherStatus
 
 router = APIRouter(tags=["vouchers"], responses=problem_responses(401, 403, 422))
@@ -66,14 +67,28 @@ class VoucherOut(ResponseModel):
     created_at: datetime
     ended_at: datetime | None
     end_reason: str | None
+    revocation_grounds: Grounds | None = Field(description="revoked vouchers: administrative or misconduct")
+    misconduct_sanction_id: str | None = Field(
+        description="misconduct was found on this voucher (art. 25): its whole face value stays used against the "
+        "cap, and value clawed back from it goes to the program budget"
+    )
+
+
+GROUNDS_DESCRIPTION = (
+    "`administrative` (an error, or the applicant's choice of a higher award, 就高): the cap room comes back and "
+    "the basis documents are freed. `misconduct` (fraud, misuse, false documents): the cap room stays used, the "
+    "documents stay claimed for good, and the beneficiary is sanctioned (no new award for `sanction_years`, art. 25)"
+)
 
 
 class RevokeIn(RequestModel):
     reason: Reason | None = None
+    grounds: Grounds = Field(description=GROUNDS_DESCRIPTION)
 
 
 class ReverseIn(RequestModel):
     reason: Reason
+    grounds: Grounds = Field(description=GROUNDS_DESCRIPTION)
 
 
 class ReversalOut(ResponseModel):
@@ -89,7 +104,10 @@ class ReversalOut(ResponseModel):
     entry_id: str | None
     reason: str
     reversed_at: datetime
-    released_documents: list[str]
+    grounds: Grounds
+    released_documents: list[str] = Field(description="administrative grounds: free to support another award")
+    kept_documents: list[str] = Field(description="misconduct: claimed for good")
+    sanction_id: str | None = Field(description="misconduct: the sanction recorded against the applicant")
     voucher: VoucherOut | None
 
 
@@ -175,7 +193,8 @@ async def get_voucher(request: Request, voucher_id: VoucherId, session: SessionD
 
 @router.post(
     "/vouchers/{voucher_id}/revoke",
-    summary="Revoke: the available value returns to the program budget; holds in flight stay reserved",
+    summary="Revoke, on administrative or misconduct grounds: the available value returns to the program budget; "
+    "holds in flight stay reserved; misconduct sanctions the holder",
     responses=problem_responses(404, 409),
     response_model=VoucherOut,
 )
@@ -184,7 +203,7 @@ async def revoke_voucher(
     voucher_id: VoucherId,
     session: SessionDep,
     caller: Admin,
-    body: RevokeIn | None = None,
+    body: RevokeIn,
     key: IdempotencyKey = None,
 ) -> JSONResponse:
     async def command(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
@@ -192,7 +211,14 @@ async def revoke_voucher(
         current = await service.get_voucher(conn, _ledger(request), voucher_id, now=now)
         _may_administer(caller, _catalog(request), current.program, current.year)
         voucher = await service.revoke(
-            conn, _ledger(request), voucher_id=voucher_id, reason=body.reason if body else None, now=now
+            conn,
+            _ledger(request),
+            voucher_id=voucher_id,
+            reason=body.reason,
+            grounds=body.grounds,
+            actor=caller.key_id,
+            sanction_years=_catalog(request).policy.sanction_years,
+            now=now,
         )
         return 200, _out(voucher).model_dump(mode="json")
 
@@ -227,7 +253,8 @@ async def balances(
 
 @router.post(
     "/applications/{application_id}/reverse",
-    summary="Reverse an issued award (clawback): revoke its voucher or undo its payout, release its basis",
+    summary="Reverse an issued award (clawback): revoke its voucher or undo its payout; administrative grounds "
+    "release its basis, misconduct keeps it claimed and sanctions the applicant",
     responses=problem_responses(404, 409),
     response_model=ReversalOut,
 )
@@ -249,7 +276,9 @@ async def reverse_award(
             _ledger(request),
             application_id=application_id,
             reason=body.reason,
+            grounds=body.grounds,
             actor=caller.key_id,
+            sanction_years=_catalog(request).policy.sanction_years,
             now=datetime.now(UTC),
         )
         out = ReversalOut(
@@ -264,7 +293,10 @@ async def reverse_award(
             entry_id=None if reversal.entry_id is None else str(reversal.entry_id),
             reason=reversal.reason,
             reversed_at=reversal.reversed_at,
+            grounds=reversal.grounds,
             released_documents=list(reversal.released_documents),
+            kept_documents=list(reversal.kept_documents),
+            sanction_id=None if reversal.sanction is None else reversal.sanction.id,
             voucher=None if reversal.voucher is None else _out(reversal.voucher),
         )
         return 200, out.model_dump(mode="json")

@@ -3,7 +3,8 @@
 Everything that needs the database (affiliations on each line's date, documents already claimed, purchases
 on record, what the holder already has this year, reported sales) arrives in a `Context`; the result says
 the eligible amount, the award (for reviewer-set programs, the most a reviewer may grant), every excluded
-line with its reason, the rule applied, and flags for a reviewer (an invoice a provider reported differently).
+line with its reason, every deduction from a counted line (what a voucher paid, what exceeds the sale a
+provider reported), the rule applied, and flags for a reviewer (an invoice a provider reported differently).
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ class Excluded:
 
 
 @dataclass(frozen=True, slots=True)
+class Deduction:
+    """A part of a counted line that is not the applicant's own spending (art. 8 实际采购, art. 25)."""
+
+    document: str
+    index: int
+    amount_fen: int
+    reason: str  # voucher_paid | above_reported
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Context:
     year: int
     tags: frozenset[str] = frozenset()
@@ -52,8 +64,10 @@ class Context:
     on_record_fen: int = 0
     # what the cap's holder already holds this program-year (issued less released)
     already_fen: int = 0
-    # compute.purchase: invoice document -> (category, amount_fen) the provider reported
+    # document -> (category, amount_fen) of the sale its counterparty reported (POST /v1/purchases)
     reported: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    # document -> what redemptions of vouchers paid on it, net of refunds and reversals
+    voucher_paid: Mapping[str, int] = field(default_factory=dict)
     # model.first_purchase
     model_filed: bool = True
     first_purchaser: str | None = None
@@ -68,6 +82,60 @@ class Computed:
     rule: str
     flags: tuple[str, ...] = ()
     reviewer_set: bool = False
+    deductions: tuple[Deduction, ...] = ()
+
+
+class _Counter:
+    """The amount counted of each document's lines: at most the sale its counterparty reported, less what
+    a voucher paid on it (POLICY.md, "A document is claimed whole", "实际采购 excludes what a voucher paid")."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.reported_left = {d: amount for d, (_category, amount) in context.reported.items()}
+        self.paid_left = dict(context.voucher_paid)
+        self.deductions: list[Deduction] = []
+        self.flags: list[str] = []
+
+    def count(self, document: str, index: int, amount_fen: int, counterparty: str) -> int:
+        counted = amount_fen
+        left = self.reported_left.get(document)
+        if left is not None:
+            if counted > left:
+                above = counted - left
+                reported = self.context.reported[document][1]
+                self.deductions.append(
+                    Deduction(
+                        document,
+                        index,
+                        above,
+                        "above_reported",
+                        f"{counterparty} reported this sale at {reported} fen: the {above} fen claimed above that "
+                        "is not counted (art. 8 实际采购: what was actually bought, as the seller reported it)",
+                    )
+                )
+                self.flags.append(f"{document}: {above} fen above the {reported} fen the seller reported, not counted")
+                counted = left
+            self.reported_left[document] = left - counted
+        paid = min(self.paid_left.get(document, 0), counted)
+        if paid > 0:
+            self.deductions.append(
+                Deduction(
+                    document,
+                    index,
+                    paid,
+                    "voucher_paid",
+                    f"{paid} fen of this document was paid with a voucher redeemed at {counterparty} (net of "
+                    "refunds and reversals): voucher money is not the applicant's own spending (art. 8 实际采购), "
+                    "and one payment supports one award (art. 25)",
+                )
+            )
+            self.paid_left[document] -= paid
+            counted -= paid
+        return counted
+
+    @property
+    def deducted(self) -> tuple[Deduction, ...]:
+        return tuple(self.deductions)
 
 
 def _prior_year(day: date, year: int) -> bool:
@@ -79,7 +147,9 @@ def evaluate(program: ProgramDefinition, basis: _Basis, context: Context) -> Com
     if not context.eligible_entity:
         # art. 25: registered and substantively engaged in AI work in Guangzhou
         reasons.append("the applicant is not eligible (art. 25): not presumed or declared a Guangzhou entity")
-    claimed_docs = [d for d in documents(basis) if d in context.claimed]
+    # a claimed invoice or dataset contract excludes its line; any other claimed document, the whole basis
+    lines = {c.document for c in basis.contracts} if isinstance(basis, DatasetBenchmarkBasis) else set()
+    claimed_docs = [d for d in documents(basis) if d in context.claimed and d not in lines]
     if claimed_docs and not isinstance(basis, ComputePurchaseBasis):
         excluded = tuple(
             Excluded(d, 0, "basis_already_used", f"{d} already supports award {context.claimed[d]} (art. 25)")
@@ -103,6 +173,7 @@ def evaluate(program: ProgramDefinition, basis: _Basis, context: Context) -> Com
             computed.rule,
             computed.flags,
             computed.reviewer_set,
+            computed.deductions,
         )
     return computed
 
@@ -143,15 +214,20 @@ def _evaluate(program: ProgramDefinition, basis: _Basis, context: Context, reaso
                     f"model {basis.model_ref} already has its first purchaser in {basis.industry}: "
                     f"{context.first_purchaser}"
                 )
-            award = rate_award(program, basis.contract_fen, uplift=basis.rd_project)
+            counter = _Counter(context)
+            counted = counter.count(basis.document, 0, basis.contract_fen, basis.vendor_entity_id)
+            award = rate_award(program, counted, uplift=basis.rd_project)
             owed = award.award_fen if context.model_filed and context.first_purchaser is None else 0
-            return Computed(basis.contract_fen, owed, (), tuple(reasons), award.rule)
+            return Computed(
+                counted, owed, (), tuple(reasons), award.rule, tuple(counter.flags), deductions=counter.deducted
+            )
     raise AssertionError(f"no evaluation for {type(basis).__name__}")
 
 
 def _compute(program: ProgramDefinition, basis: ComputePurchaseBasis, context: Context, reasons: list[str]) -> Computed:
     excluded: list[Excluded] = []
-    flags: list[str] = []
+    counter = _Counter(context)
+    flags = counter.flags
     eligible = 0
     for index, line in enumerate(basis.purchases):
         document = line.document
@@ -204,21 +280,30 @@ def _compute(program: ProgramDefinition, basis: ComputePurchaseBasis, context: C
                 )
             )
         else:
-            eligible += line.amount_fen
+            eligible += counter.count(document, index, line.amount_fen, line.provider_entity_id)
     total = context.on_record_fen + eligible
     award = rate_award(program, total, tags=context.tags, already_fen=context.already_fen)
     if context.on_record_fen:
         reasons.append(f"{context.on_record_fen} fen of eligible purchases already on record for {context.year - 1}")
-    return Computed(eligible, award.award_fen, tuple(excluded), tuple(reasons), award.rule, tuple(flags))
+    return Computed(
+        eligible,
+        award.award_fen,
+        tuple(excluded),
+        tuple(reasons),
+        award.rule,
+        tuple(flags),
+        deductions=counter.deducted,
+    )
 
 
 def _dataset_benchmark(
     program: ProgramDefinition, basis: DatasetBenchmarkBasis, context: Context, reasons: list[str]
 ) -> Computed:
     excluded: list[Excluded] = []
+    counter = _Counter(context)
     eligible = 0
     for index, contract in enumerate(basis.contracts):
-        document = f"contract:{contract.contract_no}"
+        document = contract.document
         if not _prior_year(contract.signed_on, context.year):
             excluded.append(
                 Excluded(
@@ -241,8 +326,18 @@ def _dataset_benchmark(
                     tuple(context.affiliated[document]),
                 )
             )
+        elif document in context.claimed:
+            excluded.append(
+                Excluded(
+                    document,
+                    contract.amount_fen,
+                    "basis_already_used",
+                    f"{document} already supports award {context.claimed[document]} (art. 25)",
+                    index,
+                )
+            )
         else:
-            eligible += contract.amount_fen
+            eligible += counter.count(document, index, contract.amount_fen, contract.counterparty_entity_id)
     # the award is "依据…合同交易金额": a reviewer grants at most the cap and never more than the eligible amount
     ceiling = reviewer_award(program, eligible)
     return Computed(
@@ -251,5 +346,7 @@ def _dataset_benchmark(
         tuple(excluded),
         tuple(reasons),
         f"{ceiling.rule}; at most the eligible non-affiliated contract amount",
+        tuple(counter.flags),
         reviewer_set=True,
+        deductions=counter.deducted,
     )

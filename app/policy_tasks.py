@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def thresholds_of(settings: Settings) -> Thresholds:
-    return Thresholds(control_pct=settings.affiliation_control_pct, influence_pct=settings.affiliation_influence_pct)
+    return Thresholds(
+        control_pct=settings.affiliation_control_pct,
+        influence_pct=settings.affiliation_influence_pct,
+        lookback_months=settings.affiliation_lookback_months,
+    )
 
 
 def affiliation_checker(settings: Settings, session: AsyncSession) -> AffiliationChecker:
@@ -35,7 +39,7 @@ def affiliation_checker(settings: Settings, session: AsyncSession) -> Affiliatio
         answer = await check_affiliation(session, a, b, on, thresholds)
         if not answer.affiliated:
             return None
-        return path_documents(answer.path)
+        return path_documents(answer.path, answer.held_on)
 
     return check
 

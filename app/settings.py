@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # relation); X influences Y with equity at or above the influence percent (and not above control).
     affiliation_control_pct: Decimal = Field(default=Decimal("50"), ge=0, le=100)
     affiliation_influence_pct: Decimal = Field(default=Decimal("20"), ge=0, le=100)
+    # POLICY.md, "Affiliation looks back": parties affiliated on any day of the months before a date (that
+    # date included) are affiliated on it; 0 checks the day alone
+    affiliation_lookback_months: int = Field(default=12, ge=0, le=120)
     # art. 27: each year's appropriation funds the program budgets; at most 500,000,000 元 a year
     appropriation_fen: int = Field(default=50_000_000_000, gt=0, le=50_000_000_000)
     # the program definitions to publish at start-up (a later year's notice adds versions to this file)

@@ -181,6 +181,7 @@ async def main() -> None:
     parser.add_argument("--pairs", type=int, default=5_000)
     parser.add_argument("--known", type=int, default=1_000)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--lookback-months", type=int, default=12, help="the service's default; 0: the day alone")
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -196,7 +197,7 @@ async def main() -> None:
         del records
         gc.collect()
         sessions = async_sessionmaker(engine, expire_on_commit=False)
-        thresholds = Thresholds(Decimal("50"), Decimal("20"))
+        thresholds = Thresholds(Decimal("50"), Decimal("20"), lookback_months=args.lookback_months)
 
         rss_before = rss_mb()
         began = time.perf_counter()

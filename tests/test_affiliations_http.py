@@ -115,7 +115,13 @@ async def test_record_read_list_end(client: httpx.AsyncClient, admin: dict[str, 
         "equity_pct": "60.00",
         "effect": "control",
     }
-    assert (await _check(client, admin, a, b, as_of="2026-01-01"))["affiliated"] is False
+    # the look-back (12 months by default): still related a day after the end, named on the last day,
+    # through the same day a year later, and not the day after that
+    after_end = await _check(client, admin, a, b, as_of="2026-01-01")
+    assert after_end["affiliated"] is True and after_end["held_on"] == "2025-12-31"
+    assert after_end["lookback_from"] == "2025-01-01"
+    assert (await _check(client, admin, a, b, as_of="2026-12-31"))["held_on"] == "2025-12-31"
+    assert (await _check(client, admin, a, b, as_of="2027-01-01"))["affiliated"] is False
     assert (await _check(client, admin, a, b, as_of="2021-04-30"))["affiliated"] is False
 
 
@@ -263,7 +269,13 @@ async def test_as_of_defaults_to_today_in_shanghai(
     before = datetime.now(ZoneInfo("Asia/Shanghai")).date()
     answer = await _check(client, admin, a, b)
     after = datetime.now(ZoneInfo("Asia/Shanghai")).date()
-    assert answer == {"affiliated": False, "path": [], "as_of": answer["as_of"]}
+    assert answer == {
+        "affiliated": False,
+        "path": [],
+        "as_of": answer["as_of"],
+        "lookback_from": answer["lookback_from"],
+        "held_on": None,
+    }
     assert before <= date.fromisoformat(answer["as_of"]) <= after
 
 

@@ -14,6 +14,15 @@ last day of a relation is still a related day, and an open relation has no end):
   everything u controls, u included.
 - A and B are affiliated on d if A = B; or group(A) and group(B) share a member; or an influence or
   personnel relation links a member of group(A) with a member of group(B).
+- Look-back (POLICY.md; `Thresholds.lookback_months`, the service's default 12): A and B are affiliated on d
+  if they were on any day from `months_before(d, lookback_months)` to d, both included, by the relations
+  that held on that one day (a chain A-B in January and B-C in June never held at one time). The rule is
+  monotone in the set of relations (a new controller's group contains its controlled entity's group, a new
+  link only adds), so the relations of a whole span taken together over-approximate every day in it: one
+  check over the window answers "no" for unrelated parties, and a "yes" is narrowed down to a single day
+  among the last days of relations in the window (between two such days only relations start, so each
+  stretch is dominated by its last day), halving spans, the later half first. The answer names the latest
+  day it held and the relations that held on it.
 
 The algorithm (100,000 entities, 300,000 relations, groups of thousands, p99 well under 20 ms):
 1. UC(A) and UC(B) by a backward walk over A's and B's controllers. Chains of control are short compared
@@ -49,8 +58,10 @@ the order of the relations given (the service loads them ordered by id), so answ
 
 from __future__ import annotations
 
+import calendar
 import math
 from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,6 +77,7 @@ __all__ = [
     "Relation",
     "RelationTable",
     "Thresholds",
+    "months_before",
 ]
 
 Kind = Literal["equity", "control", "personnel"]
@@ -77,8 +89,12 @@ _NO_PCT = -1
 # an open relation (valid_to NULL) holds on every date after it starts
 _OPEN_END = date.max.toordinal()
 
-# Member trees kept per graph, keyed by (ultimate controller, day); a group of thousands holds ~100 KB.
+# Member trees kept per graph, keyed by (ultimate controller, first and last day of the span); a group of
+# thousands holds ~100 KB.
 SUMMARY_CACHE_SIZE = 4096
+# Answers kept per graph, keyed by (a, b, day): a redemption asks about its holder and provider on today's
+# date, the same pairs again and again; the graph never changes, so an answer holds for the graph's life.
+ANSWER_CACHE_SIZE = 65_536
 # A side with at most this many members is summarised (its outsiders' controllers looked up).
 PROBE_BUDGET = 256
 
@@ -89,10 +105,15 @@ _Adj = tuple[int, int, int, int]
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     """POLICY.md: control is equity strictly above `control_pct`; influence is equity at or above
-    `influence_pct` and not above `control_pct`. Configuration, not constants (Settings)."""
+    `influence_pct` and not above `control_pct`; parties affiliated on any day of the `lookback_months`
+    before a date are affiliated on it (0: on the day only). Configuration, not constants (Settings)."""
 
     control_pct: Decimal
     influence_pct: Decimal
+    lookback_months: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.lookback_months >= 0
 
     def effect(self, kind: Kind, equity_pct: Decimal | None) -> Effect | None:
         """What a relation does under these thresholds; None for equity below influence."""
@@ -131,6 +152,7 @@ class Affiliation:
 
     affiliated: bool
     path: list[Relation]
+    held_on: date | None = None  # the day every relation of `path` held (None when not affiliated)
 
 
 class RelationTable:
@@ -283,8 +305,14 @@ class AffiliationGraph:
         self._ctrl_in = ctrl_in
         self._ctrl_out = ctrl_out
         self._link = link
-        self._trees: OrderedDict[tuple[int, int], _Tree] = OrderedDict()
+        # the last days of the relations that have an effect, sorted: the days a look-back examines
+        self._end_days = sorted(
+            {last for edges in (ctrl_in, link) for adj in edges.values() for _o, _f, last, _i in adj} - {_OPEN_END}
+        )
+        self._trees: OrderedDict[tuple[int, int, int], _Tree] = OrderedDict()
         self._summary_cache_size = summary_cache_size
+        self._answers: OrderedDict[tuple[int, int, int], Affiliation] = OrderedDict()
+        self._answer_cache_size = ANSWER_CACHE_SIZE if summary_cache_size else 0
         self._probe_budget = probe_budget
 
     @classmethod
@@ -295,20 +323,73 @@ class AffiliationGraph:
     # The question
 
     def check(self, a: str, b: str, on: date) -> Affiliation:
-        """Are `a` and `b` affiliated on `on`, and by which relations (a walk from a to b)?"""
+        """Are `a` and `b` affiliated on `on`, or on any day of the look-back before it, and by which
+        relations (a walk from a to b, every relation holding on `held_on`)? The latest such day is named."""
         if a == b:
-            return Affiliation(affiliated=True, path=[])
+            return Affiliation(affiliated=True, path=[], held_on=on)
         ia, ib = self.table.index.get(a), self.table.index.get(b)
         if ia is None or ib is None:  # an entity with no relation at all is a group of its own
             return Affiliation(affiliated=False, path=[])
         day = on.toordinal()
-        up_a, up_b = self._up(ia, day), self._up(ib, day)
-        walk = self._common_controller(up_a, up_b)
-        if walk is None:
-            walk = self._bridge(up_a, up_b, day)
+        key = (ia, ib, day)
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._check(ia, ib, on, day)
+            if self._answer_cache_size:
+                self._answers[key] = answer
+                if len(self._answers) > self._answer_cache_size:
+                    self._answers.popitem(last=False)
+        return answer
+
+    def _check(self, ia: int, ib: int, on: date, day: int) -> Affiliation:
+        months = self.thresholds.lookback_months
+        if months == 0:
+            return self._answer(self._walk(ia, ib, day, day), day)
+        first = months_before(on, months).toordinal()
+        # The rule only gains from more relations (a new controller's group contains the old one's; a new
+        # link only links), so the relations holding on ANY day of a span, taken together, are affiliated
+        # whenever the parties are affiliated on one of its days. One check over the whole window settles
+        # the common case, unrelated parties; a chain that never held on one day is sorted out below.
+        if self._walk(ia, ib, first, day) is None:
+            return Affiliation(affiliated=False, path=[])
+        walk = self._walk(ia, ib, day, day)
+        if walk is not None:
+            return self._answer(walk, day)
+        # Between two consecutive last days of relations only relations start, so each such stretch is
+        # dominated by its last day: the candidates are the last days inside [first, day). Spans of them
+        # are tested together, the later half first, so the latest day that held is found in a few checks.
+        ends = self._end_days
+        lo, hi = bisect_left(ends, first), bisect_left(ends, day)
+        found = self._latest(ia, ib, ends, lo, hi, first)
+        if found is None:
+            return Affiliation(affiliated=False, path=[])
+        return self._answer(found[1], found[0])
+
+    def _latest(self, ia: int, ib: int, ends: list[int], lo: int, hi: int, first: int) -> tuple[int, list[int]] | None:
+        """The latest candidate day in ends[lo:hi] on which a and b are affiliated, and the walk then."""
+        if lo >= hi:
+            return None
+        if hi - lo == 1:
+            walk = self._walk(ia, ib, ends[lo], ends[lo])
+            return None if walk is None else (ends[lo], walk)
+        start = ends[lo - 1] + 1 if lo > 0 and ends[lo - 1] >= first else first
+        if self._walk(ia, ib, start, ends[hi - 1]) is None:
+            return None
+        mid = (lo + hi) // 2
+        return self._latest(ia, ib, ends, mid, hi, first) or self._latest(ia, ib, ends, lo, mid, first)
+
+    def _answer(self, walk: list[int] | None, day: int) -> Affiliation:
         if walk is None:
             return Affiliation(affiliated=False, path=[])
-        return Affiliation(affiliated=True, path=[self.table.relation(i) for i in walk])
+        return Affiliation(affiliated=True, path=[self.table.relation(i) for i in walk], held_on=date.fromordinal(day))
+
+    def _walk(self, ia: int, ib: int, lo: int, hi: int) -> list[int] | None:
+        """The rule over the relations holding on some day in [lo, hi] (lo == hi: on that day)."""
+        up_a, up_b = self._up(ia, lo, hi), self._up(ib, lo, hi)
+        walk = self._common_controller(up_a, up_b)
+        if walk is None:
+            walk = self._bridge(up_a, up_b, lo, hi)
+        return walk
 
     def _common_controller(self, up_a: _Up, up_b: _Up) -> list[int] | None:
         in_b = set(up_b.ucs)
@@ -320,41 +401,41 @@ class AffiliationGraph:
                     best = walk
         return best
 
-    def _bridge(self, up_a: _Up, up_b: _Up, day: int) -> list[int] | None:
+    def _bridge(self, up_a: _Up, up_b: _Up, lo: int, hi: int) -> list[int] | None:
         budget = self._probe_budget
-        trees_a = self._walk_trees(up_a.ucs, day, budget)
+        trees_a = self._walk_trees(up_a.ucs, lo, hi, budget)
         if trees_a is not None:
-            return self._bridge_by_reach(trees_a, up_a, up_b, day)
-        trees_b = self._walk_trees(up_b.ucs, day, budget)
+            return self._bridge_by_reach(trees_a, up_a, up_b, lo, hi)
+        trees_b = self._walk_trees(up_b.ucs, lo, hi, budget)
         if trees_b is not None:
-            walk = self._bridge_by_reach(trees_b, up_b, up_a, day)
+            walk = self._bridge_by_reach(trees_b, up_b, up_a, lo, hi)
             return None if walk is None else walk[::-1]
         # two big sides: compare their members, no ultimate controllers of outsiders needed
-        trees_a, trees_b = self._walk_trees(up_a.ucs, day, None), self._walk_trees(up_b.ucs, day, None)
+        trees_a, trees_b = self._walk_trees(up_a.ucs, lo, hi, None), self._walk_trees(up_b.ucs, lo, hi, None)
         assert trees_a is not None and trees_b is not None
         if sum(len(t.members) for t in trees_a) <= sum(len(t.members) for t in trees_b):
-            return self._bridge_by_members(trees_a, trees_b, up_a, up_b, day)
-        walk = self._bridge_by_members(trees_b, trees_a, up_b, up_a, day)
+            return self._bridge_by_members(trees_a, trees_b, up_a, up_b, lo, hi)
+        walk = self._bridge_by_members(trees_b, trees_a, up_b, up_a, lo, hi)
         return None if walk is None else walk[::-1]
 
-    def _bridge_by_reach(self, trees: list[_Tree], up_x: _Up, up_y: _Up, day: int) -> list[int] | None:
+    def _bridge_by_reach(self, trees: list[_Tree], up_x: _Up, up_y: _Up, lo: int, hi: int) -> list[int] | None:
         """A walk from x to y through a witness of x's (small) groups, or None."""
         for tree in trees:
             if tree.reach is None:
-                tree.reach = self._reach(tree, day)
+                tree.reach = self._reach(tree, lo, hi)
             for v in up_y.ucs:
                 witness = tree.reach.get(v)
                 if witness is None:
                     continue
                 member, relation, outsider = witness
                 to_member = _join(self._chain_up(up_x, tree.u), self._chain_down(tree, member))
-                up_outsider = self._up(outsider, day)
+                up_outsider = self._up(outsider, lo, hi)
                 to_y = _join(self._chain_up(up_outsider, v), self._chain_up(up_y, v))
                 return [*to_member, relation, *to_y]
         return None
 
     def _bridge_by_members(
-        self, small: list[_Tree], large: list[_Tree], up_x: _Up, up_y: _Up, day: int
+        self, small: list[_Tree], large: list[_Tree], up_x: _Up, up_y: _Up, lo: int, hi: int
     ) -> list[int] | None:
         """A walk from x to y through a member of both groups, or through a link from a member of x's
         groups (the smaller side, whose members are scanned) to a member of y's; or None."""
@@ -372,7 +453,7 @@ class AffiliationGraph:
         for tree_x in small:
             for m in tree_x.members:
                 for other, first, last, i in self._link.get(m, ()):
-                    if first <= day <= last:
+                    if first <= hi and lo <= last:
                         for tree_y in large:
                             if other in tree_y.members:
                                 return walk(tree_x, m, tree_y, other, [i])
@@ -381,18 +462,18 @@ class AffiliationGraph:
     # ----------------------------------------------------------------------------------------------------
     # Controllers above a node
 
-    def _controllers(self, v: int, day: int) -> Iterator[tuple[int, int]]:
+    def _controllers(self, v: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
         for c, first, last, i in self._ctrl_in.get(v, ()):
-            if first <= day <= last:
+            if first <= hi and lo <= last:
                 yield c, i
 
-    def _up(self, x: int, day: int) -> _Up:
+    def _up(self, x: int, lo: int, hi: int) -> _Up:
         down: dict[int, int] = {x: -1}
         preds: dict[int, list[int]] = {}
         queue = [x]
         for v in queue:  # breadth-first: the chains are shortest
             found = preds[v] = []
-            for c, i in self._controllers(v, day):
+            for c, i in self._controllers(v, lo, hi):
                 found.append(c)
                 if c not in down:
                     down[c] = i
@@ -412,28 +493,28 @@ class AffiliationGraph:
             v = self.table.to_node[i]
         return chain
 
-    def _ucs(self, v: int, day: int, memo: dict[int, list[int]]) -> list[int]:
+    def _ucs(self, v: int, lo: int, hi: int, memo: dict[int, list[int]]) -> list[int]:
         found = memo.get(v)
         if found is None:
-            if not any(first <= day <= last for _c, first, last, _i in self._ctrl_in.get(v, ())):
+            if not any(first <= hi and lo <= last for _c, first, last, _i in self._ctrl_in.get(v, ())):
                 found = [v]
             else:
-                found = self._up(v, day).ucs
+                found = self._up(v, lo, hi).ucs
             memo[v] = found
         return found
 
     # ----------------------------------------------------------------------------------------------------
     # Group summaries
 
-    def _walk_trees(self, ucs: Sequence[int], day: int, budget: int | None) -> list[_Tree] | None:
+    def _walk_trees(self, ucs: Sequence[int], lo: int, hi: int, budget: int | None) -> list[_Tree] | None:
         """desc*(u) for each u, or None when they hold more than `budget` members together."""
         trees = []
         left = budget
         for u in ucs:
-            key = (u, day)
+            key = (u, lo, hi)
             tree = self._trees.get(key)
             if tree is None:
-                tree = self._walk_down(u, day, left)
+                tree = self._walk_down(u, lo, hi, left)
                 if tree is None:
                     return None
                 self._remember(key, tree)
@@ -446,35 +527,35 @@ class AffiliationGraph:
             trees.append(tree)
         return trees
 
-    def _remember(self, key: tuple[int, int], tree: _Tree) -> None:
+    def _remember(self, key: tuple[int, int, int], tree: _Tree) -> None:
         if self._summary_cache_size == 0:
             return
         self._trees[key] = tree
         while len(self._trees) > self._summary_cache_size:
             self._trees.popitem(last=False)
 
-    def _walk_down(self, u: int, day: int, budget: int | None) -> _Tree | None:
+    def _walk_down(self, u: int, lo: int, hi: int, budget: int | None) -> _Tree | None:
         members: dict[int, int] = {u: -1}
         queue = [u]
         ctrl_out = self._ctrl_out
         for v in queue:
             for t, first, last, i in ctrl_out.get(v, ()):
-                if first <= day <= last and t not in members:
+                if first <= hi and lo <= last and t not in members:
                     members[t] = i
                     queue.append(t)
             if budget is not None and len(members) > budget:
                 return None
         return _Tree(u, members)
 
-    def _reach(self, tree: _Tree, day: int) -> dict[int, tuple[int, int, int]]:
+    def _reach(self, tree: _Tree, lo: int, hi: int) -> dict[int, tuple[int, int, int]]:
         reach: dict[int, tuple[int, int, int]] = {}
         memo: dict[int, list[int]] = {}
         members = tree.members
         for m in members:
             for edges in (self._ctrl_in.get(m, ()), self._link.get(m, ())):
                 for other, first, last, i in edges:
-                    if first <= day <= last and other not in members:
-                        for v in self._ucs(other, day, memo):
+                    if first <= hi and lo <= last and other not in members:
+                        for v in self._ucs(other, lo, hi, memo):
                             if v not in reach:
                                 reach[v] = (m, i, other)
         return reach
@@ -560,3 +641,12 @@ def _source_components(nodes: list[int], preds: dict[int, list[int]]) -> list[in
         component[v] for v in nodes for p in preds[v] if component[p] != component[v]
     }
     return [v for v in nodes if component[v] in sources]
+
+
+def months_before(on: date, months: int) -> date:
+    """The same day `months` calendar months earlier; when that month is shorter, its last day (12 months
+    before 29 February 2028 is 28 February 2027; 1 month before 31 March is the last day of February)."""
+    assert months >= 0
+    index = on.year * 12 + on.month - 1 - months
+    year, month = divmod(index, 12)
+    return date(year, month + 1, min(on.day, calendar.monthrange(year, month + 1)[1]))

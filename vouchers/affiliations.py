@@ -43,6 +43,7 @@ from vouchers.affiliation_graph import (
     Relation,
     RelationTable,
     Thresholds,
+    months_before,
 )
 from vouchers.errors import VoucherError
 
@@ -67,6 +68,7 @@ __all__ = [
     "forget_cached_graphs",
     "get_affiliation",
     "list_affiliations",
+    "months_before",
     "parse_equity_pct",
     "path_documents",
     "record_affiliation",
@@ -225,7 +227,7 @@ _INSERT = text(
     "INSERT INTO affiliation (id, from_entity_id, to_entity_id, kind, equity_pct, valid_from, valid_to, source) "
     "VALUES (:id, :from_entity_id, :to_entity_id, :kind, :equity_pct, :valid_from, :valid_to, :source)" + _RETURNING
 )
-_ENTITIES = text("SELECT id FROM entity WHERE id = ANY(:ids)")
+_ENTITIES = text("SELECT id, kind FROM entity WHERE id = ANY(:ids)")
 _GET = text(_SELECT)
 _GET_FOR_UPDATE = text(_SELECT + " FOR UPDATE")
 _END = text(
@@ -259,13 +261,21 @@ def _new_id() -> str:
 
 
 async def record_affiliation(session: AsyncSession, new: NewAffiliation) -> AffiliationRecord:
-    """Record a relation. An unknown entity is the request's fault: `InvalidAffiliation` naming the field."""
+    """Record a relation. An unknown entity is the request's fault: `InvalidAffiliation` naming the field.
+    A natural person (POLICY.md) is where a relation starts, never where it ends: nobody holds equity in, or
+    controls, a person, and a person's office is recorded from the person to the company."""
     validate_new(new)
     ids = [new.from_entity_id, new.to_entity_id]
-    known = set((await session.execute(_ENTITIES, {"ids": ids})).scalars())
+    known = {row.id: row.kind for row in await session.execute(_ENTITIES, {"ids": ids})}
     for name, entity_id in (("from_entity_id", new.from_entity_id), ("to_entity_id", new.to_entity_id)):
         if entity_id not in known:
             raise InvalidAffiliation(f"no entity {entity_id}", field=name)
+    if known[new.to_entity_id] == "person":
+        raise InvalidAffiliation(
+            f"{new.to_entity_id} is a natural person: a relation starts from a person (as shareholder, controller "
+            "or officer) and ends at an organisation; record it from the person",
+            field="to_entity_id",
+        )
     row = (
         await session.execute(
             _INSERT,
@@ -456,8 +466,9 @@ async def check_affiliation(session: AsyncSession, a: str, b: str, on: date, thr
     return graph.check(a, b, on)
 
 
-def path_documents(path: list[Relation]) -> list[dict[str, Any]]:
-    """The relations of an affiliation's walk as an answer shows them (a refusal's `errors[0].path`)."""
+def path_documents(path: list[Relation], held_on: date | None = None) -> list[dict[str, Any]]:
+    """The relations of an affiliation's walk as an answer shows them (a refusal's `errors[0].path`), each
+    with `held_on`, the day they held together (the look-back names a day before the one asked about)."""
     return [
         {
             "id": r.id,
@@ -465,6 +476,7 @@ def path_documents(path: list[Relation]) -> list[dict[str, Any]]:
             "to_entity_id": r.to_entity_id,
             "kind": r.kind,
             "equity_pct": None if r.equity_pct is None else f"{r.equity_pct:.2f}",
+            **({} if held_on is None else {"held_on": held_on.isoformat()}),
         }
         for r in path
     ]

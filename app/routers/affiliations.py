@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BeforeValidator, StringConstraints, ValidationError, WithJsonSchema
+from pydantic import BeforeValidator, Field, StringConstraints, ValidationError, WithJsonSchema
 
 from app.apikeys import Role
 from app.dependencies import (
@@ -47,6 +47,7 @@ from vouchers.affiliations import (
     forget_cached_graphs,
     get_affiliation,
     list_affiliations,
+    months_before,
     parse_equity_pct,
     record_affiliation,
 )
@@ -154,6 +155,11 @@ class AffiliationCheck(ResponseModel):
     affiliated: bool
     path: list[PathStep]
     as_of: date
+    lookback_from: date = Field(
+        description="the first day looked at: parties affiliated on any day from it to `as_of` are affiliated "
+        "(POLICY.md, VL_AFFILIATION_LOOKBACK_MONTHS)"
+    )
+    held_on: date | None = Field(description="the latest day in that window on which every relation of `path` held")
 
 
 def _step(relation: Relation, thresholds: Thresholds) -> PathStep:
@@ -230,7 +236,8 @@ async def create(
 
 @router.get(
     "/check",
-    summary="Are two entities affiliated on a date (default: today in Asia/Shanghai), and by which relations",
+    summary="Are two entities affiliated on a date (default: today in Asia/Shanghai) or in the look-back before "
+    "it, and by which relations on which day",
     responses=problem_responses(404),
 )
 async def check(
@@ -252,7 +259,13 @@ async def check(
             raise ValidationFailed(str(exc), loc=("query", "as_of")) from None
     thresholds = thresholds_of(settings)
     answer = await check_affiliation(session, a, b, on, thresholds)
-    return AffiliationCheck(affiliated=answer.affiliated, path=[_step(r, thresholds) for r in answer.path], as_of=on)
+    return AffiliationCheck(
+        affiliated=answer.affiliated,
+        path=[_step(r, thresholds) for r in answer.path],
+        as_of=on,
+        lookback_from=months_before(on, thresholds.lookback_months),
+        held_on=answer.held_on,
+    )
 
 
 @router.get("", summary="Relations in the order recorded, of one entity (either end) or all")

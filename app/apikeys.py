@@ -153,8 +153,11 @@ class Caller:
 
 def role_fits_kind(role: Role, kind: EntityKind | str) -> bool:
     """A provider key acts for a provider entity (a compute provider, a data exchange, a model vendor); an
-    enterprise key for any other kind: a key that redeems must belong to an entity registered to redeem."""
+    enterprise key for any other kind: a key that redeems must belong to an entity registered to redeem. No key
+    acts for a natural person: a person is a party to relations, never an applicant or a payee (art. 25)."""
     assert role in ENTITY_ROLES
+    if EntityKind(kind) is EntityKind.PERSON:
+        return False
     return (role is Role.PROVIDER) == (EntityKind(kind) is EntityKind.PROVIDER)
 
 
@@ -202,7 +205,7 @@ async def create_api_key(session: AsyncSession, request: ApiKeyCreate) -> tuple[
         if not role_fits_kind(request.role, kind):
             raise ValidationFailed(
                 f"entity {request.entity_id} is of kind {kind}: a provider key binds to a provider entity only, "
-                "an enterprise key to an entity of any other kind",
+                "an enterprise key to an entity of any other kind, and no key to a natural person",
                 loc=("body", "entity_id"),
             )
     key, prefix = new_key()

@@ -3,8 +3,14 @@
 An entity is identified by its unified social credit code (vouchers/uscc.py), stored normalised. Its
 division code and `guangzhou_registered` derive from the code and never change; `eligible` is presumed
 from them (art. 25: registered in the Guangzhou area) until an administrator overrides it, either way, with
-a reason and an evidence reference. Every change (name, kind, tags, eligibility) is an `entity_event` row,
-append-only, naming the key that made it: the entity's history.
+a reason and an evidence reference. A natural person (kind `person`, a party to relations: POLICY.md) has
+no code: it is identified by HMAC-SHA256 of its normalised identity-document number under a key derived
+from the service's KEK (`id_document_key`), and the number itself is kept nowhere, shown nowhere, and never
+put in the history. A person is presumed not eligible and cannot be made eligible (art. 25 supports
+registered enterprises), and its kind never changes, nor does another entity become a person.
+
+Every change (name, kind, tags, eligibility) is an `entity_event` row, append-only, naming the key that made
+it: the entity's history.
 
 Commands flush and never commit: the caller owns the transaction. The checks on names, tags and reasons are
 pure functions here, so the HTTP layer validates with the very same rules (and the database checks again).
@@ -12,20 +18,26 @@ pure functions here, so the HTTP layer validates with the very same rules (and t
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import secrets
 import string
+import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vouchers.errors import VoucherError
+from vouchers.keys import Kek
 from vouchers.models import Entity, EntityEvent
 from vouchers.uscc import parse_uscc
 
@@ -52,9 +64,12 @@ __all__ = [
     "entity_exists",
     "find_entity",
     "get_entity",
+    "id_document_hmac",
+    "id_document_key",
     "list_entities",
     "list_entity_events",
     "normalise_evidence_ref",
+    "normalise_id_document_no",
     "normalise_kind",
     "normalise_name",
     "normalise_reason",
@@ -69,6 +84,7 @@ class EntityKind(StrEnum):
     INSTITUTION = "institution"
     ASSOCIATION = "association"
     DEPARTMENT = "department"
+    PERSON = "person"  # a natural person: a party to relations, never a recipient (POLICY.md; art. 25)
 
 
 # Limits, each matched by a CHECK in migration 0003.
@@ -78,6 +94,11 @@ EVIDENCE_REF_LENGTH_MAX = 500
 TAGS_MAX = 32
 TAG_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,49}")
 ENTITY_ID_PATTERN = re.compile(r"ent_[a-z0-9]{24}")
+# An identity-document number once normalised: resident identity cards (18, the last possibly X), passports,
+# Hong Kong, Macao and Taiwan permits (letters, digits, parentheses, hyphens)
+_ID_DOCUMENT_PATTERN = re.compile(r"[0-9A-Z()\-]{4,64}")
+# HKDF's info: the key is for this one purpose, so it is never the key of anything else the KEK protects
+_ID_DOCUMENT_KEY_INFO = b"voucher-ledger/entity/id-document-hmac/v1"
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_LENGTH = 24
 
@@ -141,6 +162,33 @@ def normalise_kind(kind: str) -> EntityKind:
         raise InvalidEntity(f"kind {kind[:60]!r} is not one of {kinds}", field="kind") from None
 
 
+def normalise_id_document_no(number: str) -> str:
+    """The number as it is hashed: NFKC (full-width digits and letters, common in Chinese input, become
+    ASCII), spaces around it trimmed, upper case (a resident card's check character x is X). The message of
+    a refusal never repeats the number."""
+    normalised = unicodedata.normalize("NFKC", number).strip().upper()
+    if not _ID_DOCUMENT_PATTERN.fullmatch(normalised):
+        raise InvalidEntity(
+            "id_document_no must be 4 to 64 letters, digits, hyphens or parentheses (spaces around it and lower "
+            "case are accepted)",
+            field="id_document_no",
+        )
+    return normalised
+
+
+def id_document_key(kek: Kek) -> bytes:
+    """The HMAC key for identity-document numbers: HKDF-SHA256 of the KEK with a fixed info string (no salt:
+    the KEK is already uniformly random). Derived, so it is as safe as the KEK and needs no storage of its
+    own; separate, so a hash never doubles as anything the KEK seals."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_ID_DOCUMENT_KEY_INFO).derive(kek.key)
+
+
+def id_document_hmac(key: bytes, number: str) -> bytes:
+    """HMAC-SHA256 of the normalised number: equal for one person however the number was typed, and
+    without the key not testable against the few billion numbers a resident card can have."""
+    return hmac.new(key, normalise_id_document_no(number).encode("ascii"), hashlib.sha256).digest()
+
+
 def normalise_tags(tags: Iterable[str]) -> tuple[str, ...]:
     """Tags are a set: deduplicated and sorted. Each is snake_case (`innovation_team`); they are names the
     policy reads (POLICY.md: `multimodal_foundation_model`, `innovation_team`), so they are not case-folded:
@@ -160,10 +208,13 @@ def normalise_tags(tags: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class NewEntity:
-    uscc: str
+    """An organisation by its `uscc`, or a person (`kind` person) by its `id_document_no`, never both."""
+
+    uscc: str | None
     name: str
     kind: EntityKind
     tags: Sequence[str] = ()
+    id_document_no: str | None = field(default=None, repr=False)  # hashed at once, never kept or shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,13 +311,22 @@ def _new_id() -> str:
 # Commands (they flush; the caller commits)
 
 
-async def create_entity(session: AsyncSession, new: NewEntity, *, actor_key_id: str | None) -> Entity:
+async def create_entity(
+    session: AsyncSession, new: NewEntity, *, actor_key_id: str | None, id_document_key: bytes | None = None
+) -> Entity:
     """Register an entity and its `created` event. `InvalidUscc` for a code that is not one,
-    `EntityExists` when the code is registered already: either way nothing is written."""
-    uscc = parse_uscc(new.uscc)
+    `EntityExists` when the code (or a person's document) is registered already: either way nothing is
+    written. A person needs `id_document_key` (see `id_document_key()`)."""
     name = normalise_name(new.name)
     kind = normalise_kind(new.kind)
     tags = normalise_tags(new.tags)
+    if kind is EntityKind.PERSON:
+        return await _create_person(session, new, name, tags, actor_key_id, id_document_key)
+    if new.id_document_no is not None:
+        raise InvalidEntity("only a person (kind person) is identified by id_document_no", field="id_document_no")
+    if new.uscc is None:
+        raise InvalidEntity(f"a {kind.value} is identified by its uscc", field="uscc")
+    uscc = parse_uscc(new.uscc)
     # ON CONFLICT DO NOTHING, not a failed INSERT: the caller's transaction stays usable, and of two
     # concurrent registrations of one code the second waits for the first and then finds it.
     statement = (
@@ -293,6 +353,52 @@ async def create_entity(session: AsyncSession, new: NewEntity, *, actor_key_id: 
         raise EntityExists(
             f"an entity with uscc {uscc.code} is registered already: {existing_id}", existing_id=existing_id
         )
+    return await _created(session, entity, actor_key_id)
+
+
+async def _create_person(
+    session: AsyncSession,
+    new: NewEntity,
+    name: str,
+    tags: tuple[str, ...],
+    actor_key_id: str | None,
+    key: bytes | None,
+) -> Entity:
+    if new.uscc is not None:
+        raise InvalidEntity("a person has no uscc: it is identified by id_document_no", field="uscc")
+    if new.id_document_no is None:
+        raise InvalidEntity("a person is identified by id_document_no", field="id_document_no")
+    assert key is not None, "registering a person needs the identity-document key"
+    digest = id_document_hmac(key, new.id_document_no)
+    statement = (
+        insert(Entity)
+        .values(
+            id=_new_id(),
+            uscc=None,
+            id_document_hmac=digest,
+            name=name,
+            kind=EntityKind.PERSON.value,
+            division_code=None,
+            guangzhou_registered=False,
+            # art. 25 supports registered enterprises: a person is never presumed eligible
+            eligible=False,
+            eligibility_overridden=False,
+            tags=list(tags),
+        )
+        .on_conflict_do_nothing(index_elements=[Entity.id_document_hmac])
+        .returning(Entity)
+    )
+    entity = (await session.scalars(statement)).one_or_none()
+    if entity is None:
+        existing_id = await session.scalar(select(Entity.id).where(Entity.id_document_hmac == digest))
+        assert existing_id is not None
+        raise EntityExists(
+            f"a person with this identity document is registered already: {existing_id}", existing_id=existing_id
+        )
+    return await _created(session, entity, actor_key_id)
+
+
+async def _created(session: AsyncSession, entity: Entity, actor_key_id: str | None) -> Entity:
     session.add(
         EntityEvent(
             entity_id=entity.id,
@@ -347,11 +453,22 @@ async def update_entity(
         record("renamed", entity.name, name, reason)
         entity.name = name
     if kind is not None and kind.value != entity.kind:
+        if EntityKind.PERSON.value in (kind.value, entity.kind):
+            raise InvalidEntity(
+                "a person stays a person and nothing else becomes one: a person is identified by its identity "
+                "document, every other kind by its uscc; register the other party as a new entity",
+                field="kind",
+            )
         record("kind", entity.kind, kind.value, reason)
         entity.kind = kind.value
     if tags is not None and list(tags) != list(entity.tags):
         record("tags", list(entity.tags), list(tags), reason)
         entity.tags = list(tags)
+    if isinstance(override, EligibilityOverride) and override.eligible and entity.kind == EntityKind.PERSON.value:
+        raise InvalidEntity(
+            "a natural person cannot be made eligible: art. 25 supports registered enterprises",
+            field="eligibility_override",
+        )
     if override is not KEEP:
         before = _Eligibility.of(entity)
         if override is None:  # back to the presumption from the division code (art. 25)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Text, func
+from sqlalchemy import BigInteger, Boolean, DateTime, Identity, LargeBinary, Text, func
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -18,15 +18,16 @@ class Base(DeclarativeBase):
 
 
 class Entity(Base):
-    """migrations/versions/2026_11_28_0003_entities.py"""
+    """migrations/versions/2026_11_28_0003_entities.py; persons (no code, a keyed hash): 0017"""
 
     __tablename__ = "entity"
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
-    uscc: Mapped[str] = mapped_column(Text, unique=True)
+    uscc: Mapped[str | None] = mapped_column(Text, unique=True)
     name: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(Text)
-    division_code: Mapped[str] = mapped_column(Text)
+    division_code: Mapped[str | None] = mapped_column(Text)
+    id_document_hmac: Mapped[bytes | None] = mapped_column(LargeBinary, unique=True)
     guangzhou_registered: Mapped[bool] = mapped_column(Boolean)
     eligible: Mapped[bool] = mapped_column(Boolean)
     eligibility_overridden: Mapped[bool] = mapped_column(Boolean, server_default="false")

@@ -24,9 +24,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 from conftest import create_database
@@ -38,6 +39,7 @@ from app.db import make_engine
 from app.settings import Settings
 from ledger.service import Ledger
 from tests.test_support import VOUCHER_LEDGER, create_key, free_port
+from vouchers.rules import program_year as shanghai_year
 from vouchers.uscc import make_uscc
 
 YUAN = 100
@@ -47,8 +49,6 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 30.0
 SEED_CONCURRENCY = 8
-SHANGHAI = timezone(timedelta(hours=8))
-POLICY_LAST_YEAR = 2030  # the definitions file's policy term ends 2030-12-31
 # One TLS context for every client: the service speaks plain HTTP, and a context of its own per client loads
 # the CA bundle each time (~30 ms), which made opening a race's 64 connections take longer than uvicorn's 5 s
 # keep-alive, so the server closed the first ones as the race used them (httpx.ReadError)
@@ -56,8 +56,25 @@ _CLIENT_TLS = ssl.create_default_context()
 
 
 def program_year() -> int:
-    """A year the policy term covers and nobody has closed: next year (Asia/Shanghai), within the term."""
-    return min(datetime.now(SHANGHAI).year + 1, POLICY_LAST_YEAR)
+    """The current program year (Asia/Shanghai): an award is approved only inside its own year."""
+    return shanghai_year(datetime.now(UTC))
+
+
+# The year the tests award in, with its previous year's purchases dated relative to it (`CURRENT_YEAR - 1`).
+# Its appropriation (VL_APPROPRIATION_FEN) is shared by every test of a session's database: keep what they
+# fund for it well under 500,000,000 元.
+CURRENT_YEAR = program_year()
+VALIDITY_DAYS = 90  # the definitions file's [policy] min_validity_days
+
+
+def expected_expiry(year: int, issued_at: datetime) -> datetime:
+    """POLICY.md, written out apart from the code: a voucher expires at the end of its program year (Asia/Shanghai)
+    or VALIDITY_DAYS after its issue (rounded up to a whole second), whichever is later (in December, the days)."""
+    end_of_year = datetime(year + 1, 1, 1, tzinfo=ZoneInfo("Asia/Shanghai"))
+    floor = issued_at + timedelta(days=VALIDITY_DAYS)
+    if floor.microsecond:
+        floor = floor.replace(microsecond=0) + timedelta(seconds=1)
+    return max(end_of_year, floor)
 
 
 # --------------------------------------------------------------------------------------------------------

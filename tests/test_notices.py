@@ -20,6 +20,7 @@ from app.background import seal_all
 from app.db import make_engine
 from app.settings import Settings
 from ledger.service import Ledger
+from tests.service_support import CURRENT_YEAR
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
@@ -27,13 +28,13 @@ from vouchers.notices import issue_due_notices
 from vouchers.programs import DEFINITIONS_FILE
 
 YUAN = 100
-YEAR = 2027
-NOTICE_VERSION = """
+YEAR = CURRENT_YEAR  # approved only inside its own year
+NOTICE_VERSION = f"""
 
 [[program]]
 code = "data.trusted_space"
 version = 2
-from_year = 2027
+from_year = {YEAR}
 article = "9.1"
 name = "数据券 industry trusted data space, with public notice"
 voucher_type = "data"

@@ -43,10 +43,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.apikeys import Role
 from app.main import create_app
 from app.settings import Settings
+from tests.service_support import CURRENT_YEAR
 from tests.test_support import bearer, create_entity, create_key, running_app
 
 YUAN = 100
-YEAR = 2027
+YEAR = CURRENT_YEAR  # approved only inside its own year
 COMPUTE = "compute.purchase"
 # Generated cases per operation, on top of the coverage cases (between about 10 and 100 per operation,
 # fixed by the document): about 3,000 requests on each server.

@@ -21,12 +21,13 @@ from app.db import make_engine
 from app.settings import Settings
 from ledger.postings import POSTINGS_MAX
 from ledger.service import Ledger
+from tests.service_support import CURRENT_YEAR
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 from vouchers import settlements
 from vouchers.settlements import DISBURSED_ACCOUNT, SETTLEMENT_ITEMS_MAX, payable_account
 
 YUAN = 100
-YEAR = 2027
+YEAR = CURRENT_YEAR  # approved only inside its own year
 FILING = "model.first_filing"
 
 

@@ -192,8 +192,18 @@ async def issue_from_notice(conn: AsyncConnection, ledger: Ledger, catalog: Cata
                 f"the hold of application {application_id} lapsed and the budget can no longer fund it"
             ) from refused
     basis = parse_basis(program.code, application.basis)
+    # approved inside its year, issued when the notice ends (perhaps in January): the validity floor runs
+    # from this issue, so the voucher is never born expired
     return await record_issue(
-        conn, program, basis, application_id, application.issue_id, application.award_fen, entry.id
+        conn,
+        program,
+        basis,
+        application_id,
+        application.issue_id,
+        application.award_fen,
+        entry.id,
+        issued_at=await _now(conn),
+        min_validity_days=catalog.policy.min_validity_days,
     )
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from vouchers.programs import ProgramDefinition
@@ -36,6 +37,28 @@ def program_year(moment: datetime) -> int:
 def year_end(year: int) -> datetime:
     """The first instant after `year` in Asia/Shanghai: when that year's vouchers expire."""
     return datetime(year + 1, 1, 1, tzinfo=SHANGHAI).astimezone(UTC)
+
+
+def approval_timing(year: int, moment: datetime) -> Literal["not_started", "open", "closed"]:
+    """Whether an award for program year `year` may be approved at `moment`: only inside that year
+    (Asia/Shanghai). Not before 1 January: art. 8 sizes it on 上一年度 purchases, a total not known until
+    that year is over; not after 31 December: nothing is issued for a year that has ended."""
+    current = program_year(moment)
+    if current < year:
+        return "not_started"
+    return "open" if current == year else "closed"
+
+
+def voucher_expiry(year: int, issued_at: datetime, min_validity_days: int) -> datetime:
+    """When a voucher of program year `year` issued at `issued_at` expires: the end of its year or
+    `min_validity_days` days (of 24 hours: Shanghai keeps no summer time) after the issue instant, whichever
+    is later, so one issued in late December can still be spent (POLICY.md, "A voucher is valid long enough
+    to use"). The floor is rounded up to a whole second: never less than the days, and a token's `exp`
+    (whole seconds) can end exactly with its voucher. Unspent value still returns to the `year` budget."""
+    assert issued_at.tzinfo is not None, "an instant, not a wall-clock time"
+    assert min_validity_days >= 0
+    whole_second = issued_at.replace(microsecond=0) + timedelta(seconds=1 if issued_at.microsecond else 0)
+    return max(year_end(year), (whole_second + timedelta(days=min_validity_days)).astimezone(UTC))
 
 
 def within_term(year: int, term_from: date, term_to: date) -> bool:

@@ -36,7 +36,7 @@ from app.db import connection_lost
 from app.idempotency import IdempotencyKeyReused, RequestInProgress
 from app.json_depth import BodyTooDeep, JsonDepthLimitMiddleware
 from ledger import errors as ledger_errors
-from vouchers import applications, notices, redemption
+from vouchers import applications, external_awards, notices, redemption, sanctions
 from vouchers.affiliations import AffiliationAlreadyEnded, AffiliationNotFound, InvalidAffiliation, UnknownEntity
 from vouchers.budgets import AppropriationExceeded, BudgetBelowCommitted
 from vouchers.catalog import OutsidePolicyTerm, UnknownProgram
@@ -220,12 +220,15 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
     applications.ApplicationNotFound: (404, None),
     applications.ApplicationNotPending: (409, None),
     applications.YearClosed: (409, None),
+    applications.YearNotStarted: (409, None),
     applications.CapExceeded: (409, None),
     applications.NothingOwed: (409, None),
     applications.AwardLimitReached: (409, None),
     applications.BudgetExhausted: (409, None),
     applications.BasisAlreadyUsed: (409, None),
     applications.PurchaseAlreadyReported: (409, None),
+    applications.DuplicateBasis: (422, None),
+    applications.AffiliatedPurchaser: (403, None),
     notices.ObjectionNotFound: (404, None),
     # redemption (arts. 8, 9, 11)
     redemption.VoucherExhausted: (409, None),
@@ -246,6 +249,12 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
     VoucherRevoked: (409, None),
     VoucherExpired: (409, None),
     AwardNotReversible: (409, None),
+    # grounds and sanctions (art. 25), external awards
+    sanctions.EntitySanctioned: (409, None),
+    sanctions.SanctionNotFound: (404, None),
+    sanctions.SanctionAlreadyLifted: (409, None),
+    external_awards.ExternalAwardNotFound: (404, None),
+    external_awards.ExternalAwardReversed: (409, None),
     # voucher tokens: a token that does not verify is 401; a sound one narrowed to another provider is 403
     InvalidToken: (401, None),
     WrongProvider: (403, None),

@@ -49,20 +49,21 @@ from app.apikeys import Role
 from app.db import make_engine
 from app.main import create_app
 from app.settings import Settings
+from tests.service_support import CURRENT_YEAR
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 from vouchers.programs import DEFINITIONS_FILE
 
 YUAN = 100
-YEAR = 2027
+YEAR = CURRENT_YEAR  # approved only inside its own year
 COMPUTE = "compute.purchase"
 PILOT = "data.pilot_dataset"
 TRUSTED = "data.trusted_space"
-NOTICE_VERSION = """
+NOTICE_VERSION = f"""
 
 [[program]]
 code = "data.trusted_space"
 version = 2
-from_year = 2027
+from_year = {YEAR}
 article = "9.1"
 name = "数据券 industry trusted data space, with public notice"
 voucher_type = "data"
@@ -237,7 +238,9 @@ TABLE: dict[tuple[str, str], Row] = {
         ADMIN_OF_TYPE, params={"application_id": "application"}, body=lambda t: {"reason": "matrix"}
     ),  # already issued: 409
     ("POST", "/v1/applications/{application_id}/reverse"): Row(
-        ADMIN_OF_TYPE, params={"application_id": "application"}, body=lambda t: {"reason": "matrix"}
+        ADMIN_OF_TYPE,
+        params={"application_id": "application"},
+        body=lambda t: {"reason": "matrix", "grounds": "administrative"},
     ),
     ("POST", "/v1/applications/{application_id}/objections"): Row(
         ANY_KEY, params={"application_id": "notice_app"}, body=lambda t: {"reason": "matrix objection"}
@@ -255,6 +258,16 @@ TABLE: dict[tuple[str, str], Row] = {
             "awarded_on": "2026-01-01",
         },
     ),
+    ("GET", "/v1/external-awards/{award_id}"): Row(ADMIN_AUDITOR, params={"award_id": "external_award"}),
+    ("POST", "/v1/external-awards/{award_id}/reverse"): Row(
+        UNRESTRICTED_ADMIN,
+        params={"award_id": "external_award"},
+        body=lambda t: {"reason": "matrix", "grounds": "neither"},  # 422
+    ),
+    # sanctions (art. 25): lifted by an unlimited admin only
+    ("POST", "/v1/sanctions/{sanction_id}/lift"): Row(
+        UNRESTRICTED_ADMIN, params={"sanction_id": "sanction"}, body=lambda t: {}
+    ),  # no reason: 422
     ("POST", "/v1/purchases"): Row(
         expect(admin=Exp.DENY, prov_own=Exp.OK),
         body=lambda t: {
@@ -283,7 +296,10 @@ TABLE: dict[tuple[str, str], Row] = {
         body=lambda t: {"amount_fen": 10**14, "reason": "matrix"},  # more than was paid: 409
     ),
     ("POST", "/v1/redemptions/{redemption_id}/reverse"): Row(
-        ADMIN_OF_TYPE, idempotent=True, params={"redemption_id": "redemption"}, body=lambda t: {"reason": "matrix"}
+        ADMIN_OF_TYPE,
+        idempotent=True,
+        params={"redemption_id": "redemption"},
+        body=lambda t: {"reason": "matrix", "grounds": "administrative"},
     ),
     ("GET", "/v1/redemptions"): Row(
         expect(ent_own=Exp.OK, prov_own=Exp.OK, auditor=Exp.OK), query="voucher_id={voucher}"
@@ -296,7 +312,9 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/v1/vouchers"): Row(expect(ent_own=Exp.OK, auditor=Exp.OK), query="holder_entity_id={entity}"),
     ("GET", "/v1/vouchers/{voucher_id}"): Row(HOLDER_READ, params={"voucher_id": "voucher"}),
     ("POST", "/v1/vouchers/{voucher_id}/revoke"): Row(
-        ADMIN_OF_TYPE, params={"voucher_id": "voucher"}, body=lambda t: {"reason": "matrix"}
+        ADMIN_OF_TYPE,
+        params={"voucher_id": "voucher"},
+        body=lambda t: {"reason": "matrix", "grounds": "administrative"},
     ),
     ("POST", "/v1/vouchers/{voucher_id}/token"): Row(
         HOLDER_OR_ADMIN_OF_TYPE, params={"voucher_id": "voucher"}, body=lambda t: {}
@@ -502,7 +520,25 @@ async def _build(client: httpx.AsyncClient, engine: AsyncEngine) -> World:
         await client.post("/v1/settlements", headers={**admin, "Idempotency-Key": "world"}, json={"entity_ids": [p]})
     )
     entries = await _ok(await client.get("/v1/ledger/entries", headers=admin, params={"limit": 1}), 200)
-    shared = {"settlement": settled["id"], "entry": entries["data"][0]["id"]}
+    external = await _ok(
+        await client.post(
+            "/v1/external-awards",
+            headers=admin,
+            json={
+                "entity_id": a,
+                "basis_ref": "project:MATRIX-EXTERNAL",
+                "policy": "matrix",
+                "amount_fen": 100,
+                "awarded_on": f"{YEAR}-01-02",
+            },
+        )
+    )
+    shared = {
+        "settlement": settled["id"],
+        "entry": entries["data"][0]["id"],
+        "external_award": external["id"],
+        "sanction": "san_" + "0" * 24,  # well formed; a body without a reason is refused before it is looked up
+    }
     world["A"]["api_key"] = world["B"]["api_key"] = await _key_id(client, admin, "matrix spare B")
     world["C"]["api_key"] = await _key_id(client, admin, "matrix spare C")
     world["D"]["api_key"] = await _key_id(client, admin, "matrix spare D")

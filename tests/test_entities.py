@@ -33,6 +33,7 @@ ENTITY_FIELDS = {
     "eligibility",
     "created_at",
     "updated_at",
+    "sanctions",
 }
 
 

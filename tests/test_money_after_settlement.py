@@ -31,6 +31,7 @@ from app.apikeys import Role
 from app.db import make_engine
 from app.settings import Settings
 from ledger.service import Ledger
+from tests.service_support import CURRENT_YEAR
 from tests.test_redemptions import compute_lines, compute_voucher, token_for
 from tests.test_settlements import FILING, make_payable, sealed_and_sound
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
@@ -40,7 +41,7 @@ from vouchers.rules import SHANGHAI
 from vouchers.settlements import payable_account
 
 YUAN = 100
-YEAR = 2027
+YEAR = CURRENT_YEAR  # approved only inside its own year
 
 
 @pytest.fixture
@@ -161,7 +162,9 @@ async def settled_then_clawed_back(
     clawed = await redeem(client, s_key, await token_for(client, admin, voucher), yuan)
     await settle(client, admin, s)
     reversed_ = await client.post(
-        f"/v1/redemptions/{clawed['id']}/reverse", headers=admin, json={"reason": "invoice forged"}
+        f"/v1/redemptions/{clawed['id']}/reverse",
+        headers=admin,
+        json={"reason": "invoice forged", "grounds": "administrative"},
     )
     assert reversed_.status_code == 200, reversed_.text
     body: dict[str, Any] = reversed_.json()
@@ -182,7 +185,11 @@ async def test_a_clawback_after_settlement_is_owed_back_and_restores_the_voucher
     owed = [a for a in statement["accounts"] if a["account"] == receivable_account(s)]
     assert [a["closing_balance_fen"] for a in owed] == [-500_000 * YUAN], statement["accounts"]
     assert_problem(
-        await client.post(f"/v1/redemptions/{clawed['id']}/reverse", headers=keyed(admin), json={"reason": "again"}),
+        await client.post(
+            f"/v1/redemptions/{clawed['id']}/reverse",
+            headers=keyed(admin),
+            json={"reason": "again", "grounds": "administrative"},
+        ),
         409,
         "conflict",
     )
@@ -213,7 +220,9 @@ async def test_value_recovered_for_an_ended_voucher_returns_to_its_budget(
     client: httpx.AsyncClient, admin: dict[str, str], engine: AsyncEngine
 ) -> None:
     voucher, other, s, s_key, _clawed = await settled_then_clawed_back(client, admin, engine, 100_000)
-    revoked = await client.post(f"/v1/vouchers/{voucher}/revoke", headers=admin, json={"reason": "misuse"})
+    revoked = await client.post(
+        f"/v1/vouchers/{voucher}/revoke", headers=admin, json={"reason": "misuse", "grounds": "administrative"}
+    )
     assert revoked.status_code == 200, revoked.text
     budget_path = f"/v1/programs/compute.purchase/budgets/{YEAR}"
     before = (await client.get(budget_path, headers=admin)).json()["available_fen"]
@@ -236,7 +245,9 @@ async def test_reversing_a_settled_payout_books_a_receivable_netted_from_the_nex
     before = (await client.get(budget_path, headers=admin)).json()
 
     reversed_ = await client.post(
-        f"/v1/applications/{first}/reverse", headers=keyed(admin), json={"reason": "filing was not the first"}
+        f"/v1/applications/{first}/reverse",
+        headers=keyed(admin),
+        json={"reason": "filing was not the first", "grounds": "administrative"},
     )
     assert reversed_.status_code == 200, reversed_.text
     assert reversed_.json()["returned_fen"] == 0
@@ -450,7 +461,11 @@ class SettlementMachine(RuleBasedStateMachine):
     @rule(redemption=redemptions)
     def claw_back(self, redemption: Any) -> None:
         if redemption is not None:
-            response = self.post(f"/v1/redemptions/{redemption[0]}/reverse", self.admin, {"reason": "clawback"})
+            response = self.post(
+                f"/v1/redemptions/{redemption[0]}/reverse",
+                self.admin,
+                {"reason": "clawback", "grounds": "administrative"},
+            )
             assert response.status_code in (200, 409), response.text
 
     @rule(some=st.lists(st.integers(0, PROVIDERS - 1), min_size=1, max_size=PROVIDERS, unique=True))

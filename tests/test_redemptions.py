@@ -15,10 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.apikeys import Role
 from app.settings import Settings
 from ledger.service import Ledger
+from tests.service_support import CURRENT_YEAR
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 
 YUAN = 100
-YEAR = 2027
+YEAR = CURRENT_YEAR  # approved only inside its own year
 
 
 @pytest.fixture
@@ -274,7 +275,9 @@ async def test_affiliated_providers_and_ended_vouchers_are_refused(
     provider = await create_entity(engine, kind="provider")
     key = bearer(await create_key(engine, Role.PROVIDER, entity_id=provider))
     assert (
-        await client.post(f"/v1/vouchers/{voucher}/revoke", headers=admin, json={"reason": "test"})
+        await client.post(
+            f"/v1/vouchers/{voucher}/revoke", headers=admin, json={"reason": "test", "grounds": "administrative"}
+        )
     ).status_code == 200
     assert_problem(
         await client.post(
@@ -302,12 +305,18 @@ async def test_reverse_returns_value_and_bad_input_changes_nothing(
         )
     ).json()
     assert_problem(
-        await client.post(f"/v1/redemptions/{redeemed['id']}/reverse", headers=key, json={"reason": "fraud"}),
+        await client.post(
+            f"/v1/redemptions/{redeemed['id']}/reverse",
+            headers=key,
+            json={"reason": "fraud", "grounds": "administrative"},
+        ),
         403,
         "forbidden",
     )
     reversed_ = await client.post(
-        f"/v1/redemptions/{redeemed['id']}/reverse", headers=admin, json={"reason": "invoice forged"}
+        f"/v1/redemptions/{redeemed['id']}/reverse",
+        headers=admin,
+        json={"reason": "invoice forged", "grounds": "administrative"},
     )
     assert reversed_.status_code == 200 and reversed_.json()["reversed_at"] is not None
     assert (await client.get(f"/v1/vouchers/{voucher}", headers=admin)).json()["available_fen"] == 600_000 * YUAN
@@ -480,7 +489,9 @@ async def test_a_clawback_after_expiry_returns_to_the_budget(
         )
     before = (await client.get(budget_path, headers=admin)).json()["available_fen"]
     reversed_ = await client.post(
-        f"/v1/redemptions/{redeemed['id']}/reverse", headers=admin, json={"reason": "not delivered"}
+        f"/v1/redemptions/{redeemed['id']}/reverse",
+        headers=admin,
+        json={"reason": "not delivered", "grounds": "administrative"},
     )
     assert reversed_.status_code == 200, reversed_.text
     after = (await client.get(budget_path, headers=admin)).json()["available_fen"]

@@ -73,7 +73,7 @@ async def test_every_idempotent_route_replays_its_first_answer_byte_for_byte(
         # a provider's refund, an admin's clawback
         refund = {"amount_fen": 100 * YUAN, "reason": "work not delivered"}
         await twice(client, f"/v1/redemptions/{redeemed[0]['id']}/refund", key, refund, status=200)
-        reverse = {"reason": "invoice withdrawn"}
+        reverse = {"reason": "invoice withdrawn", "grounds": "administrative"}
         await twice(client, f"/v1/redemptions/{captured.json()['id']}/reverse", admin, reverse, status=200)
 
         # settlement: paid, then nothing left to pay

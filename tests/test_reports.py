@@ -18,12 +18,13 @@ from app.apikeys import Role
 from app.db import make_engine
 from app.settings import Settings
 from ledger.service import Ledger
+from tests.service_support import CURRENT_YEAR
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 from vouchers.rules import program_year
 from vouchers.vouchers import expire_due_vouchers
 
 YUAN = 100
-YEAR = 2027
+YEAR = CURRENT_YEAR  # approved only inside its own year
 COMPUTE = "compute.purchase"
 TRUSTED = "data.trusted_space"
 
@@ -185,8 +186,22 @@ async def test_a_program_year_reconciles_and_the_trial_balance_answers_for_past_
         issued = await w.report(COMPUTE)
         reconciles(issued)
         assert figures(issued) == money(2_000_000, 1_150_000, 0, 1_150_000, 850_000, unspent=1_150_000)
-        assert issued["awards"] == {"issued": 2, "reversed": 0, "in_notice": 0, "vouchers": 2, "payouts": 0}
-        assert issued["vouchers"] == {"active": 2, "expired": 0, "revoked": 0, "total": 2}
+        assert issued["awards"] == {
+            "issued": 2,
+            "reversed": 0,
+            "in_notice": 0,
+            "vouchers": 2,
+            "payouts": 0,
+            "reversed_misconduct": 0,
+        }
+        assert issued["vouchers"] == {
+            "active": 2,
+            "expired": 0,
+            "revoked": 0,
+            "total": 2,
+            "revoked_misconduct": 0,
+            "misconduct": 0,
+        }
         moments = [(await w.moment(), await w.trial_balance())]
 
         provider = await create_entity(engine, kind="provider")
@@ -206,10 +221,16 @@ async def test_a_program_year_reconciles_and_the_trial_balance_answers_for_past_
         moments.append((await w.moment(), await w.trial_balance()))
 
         await w.provider_post(p_key, f"/v1/holds/{hold['id']}/void", None)
-        revoked = await ok(await client.post(f"/v1/vouchers/{v1}/revoke", headers=w.admin, json={"reason": "test"}))
+        revoked = await ok(
+            await client.post(
+                f"/v1/vouchers/{v1}/revoke", headers=w.admin, json={"reason": "test", "grounds": "administrative"}
+            )
+        )
         assert revoked["released_fen"] == 470_000 * YUAN
         clawback = await client.post(
-            f"/v1/redemptions/{r1}/reverse", headers={**w.admin, "Idempotency-Key": "claw"}, json={"reason": "test"}
+            f"/v1/redemptions/{r1}/reverse",
+            headers={**w.admin, "Idempotency-Key": "claw"},
+            json={"reason": "test", "grounds": "administrative"},
         )
         assert clawback.status_code == 200, clawback.text  # V1 has ended: the 100,000 元 go to the budget
         async with engine.begin() as conn:
@@ -222,7 +243,14 @@ async def test_a_program_year_reconciles_and_the_trial_balance_answers_for_past_
         assert figures(ended) == money(
             2_000_000, 1_150_000, 570_000, 580_000, 1_420_000, redeemed=110_000, returning=470_000
         )
-        assert ended["vouchers"] == {"active": 0, "expired": 1, "revoked": 1, "total": 2}
+        assert ended["vouchers"] == {
+            "active": 0,
+            "expired": 1,
+            "revoked": 1,
+            "total": 2,
+            "revoked_misconduct": 0,
+            "misconduct": 0,
+        }
         assert ended["awards"]["issued"] == 2
         moments.append((await w.moment(), await w.trial_balance()))
 
@@ -247,12 +275,32 @@ async def test_a_program_year_reconciles_and_the_trial_balance_answers_for_past_
         second = await w.award(TRUSTED, lead2, {"project_ref": "TS-2", "investment_fen": 500_000 * YUAN})
         assert second["amount_fen"] == 150_000 * YUAN
         application = second["application_id"]
-        await ok(await client.post(f"/v1/applications/{application}/reverse", headers=w.admin, json={"reason": "x"}))
+        await ok(
+            await client.post(
+                f"/v1/applications/{application}/reverse",
+                headers=w.admin,
+                json={"reason": "x", "grounds": "administrative"},
+            )
+        )
         paid = await w.report(TRUSTED)
         reconciles(paid)
         assert figures(paid) == money(1_000_000, 450_000, 150_000, 300_000, 700_000, paid_out=300_000)
-        assert paid["awards"] == {"issued": 1, "reversed": 1, "in_notice": 0, "vouchers": 0, "payouts": 1}
-        assert paid["vouchers"] == {"active": 0, "expired": 0, "revoked": 0, "total": 0}
+        assert paid["awards"] == {
+            "issued": 1,
+            "reversed": 1,
+            "in_notice": 0,
+            "vouchers": 0,
+            "payouts": 1,
+            "reversed_misconduct": 0,
+        }
+        assert paid["vouchers"] == {
+            "active": 0,
+            "expired": 0,
+            "revoked": 0,
+            "total": 0,
+            "revoked_misconduct": 0,
+            "misconduct": 0,
+        }
 
         # statements: the holder's voucher, and the provider's payable account, line by line
         this_year = program_year(datetime.now(UTC))

@@ -18,11 +18,12 @@ from app.apikeys import Role
 from app.settings import Settings
 from ledger.postings import credit, debit
 from ledger.service import Ledger
+from tests.service_support import CURRENT_YEAR, expected_expiry
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
 from vouchers.vouchers import expire_due_vouchers, return_released_holds, voucher_account
 
 YUAN = 100
-YEAR = 2027
+YEAR = CURRENT_YEAR  # approved only inside its own year
 PILOT = "data.pilot_dataset"
 
 
@@ -126,7 +127,9 @@ async def test_reads_balances_and_who_sees_them(
 ) -> None:
     await fund(client, admin, PILOT, 5_000_000 * YUAN)
     holder, other = await create_entity(engine), await create_entity(engine)
+    approving = datetime.now(UTC)
     mine = await pilot_voucher(client, admin, holder, 500_000 * YUAN)
+    approved = datetime.now(UTC)
     second = await pilot_voucher(client, admin, holder, 200_000 * YUAN)
     theirs = await pilot_voucher(client, admin, other, 100_000 * YUAN)
     enterprise = bearer(await create_key(engine, Role.ENTERPRISE, entity_id=holder))
@@ -145,7 +148,10 @@ async def test_reads_balances_and_who_sees_them(
     }
     assert (body["released_fen"], body["year"], body["program"], body["holder_entity_id"]) == (0, YEAR, PILOT, holder)
     assert body["application_id"] == mine["application_id"] and body["redemption_rate_bp"] == 3000
-    assert body["vendor_entity_id"] is None and body["expires_at"].startswith("2027-12-31T16:00:00")
+    assert body["vendor_entity_id"] is None
+    # the end of its year or 90 days after issue, whichever is later (in December, the 90 days)
+    assert expected_expiry(YEAR, approving) <= datetime.fromisoformat(body["expires_at"])
+    assert datetime.fromisoformat(body["expires_at"]) <= expected_expiry(YEAR, approved)
     assert body["ended_at"] is None and body["created_at"]
 
     for headers in (admin, auditor):
@@ -194,7 +200,9 @@ async def test_reads_balances_and_who_sees_them(
         "payouts": 0,
     }
     this_year = (await client.get(f"/v1/entities/{holder}/balances", headers=auditor)).json()
-    assert this_year["year"] == datetime.now(UTC).year and this_year["data"] == []  # nothing held in 2026
+    assert this_year == balances  # by default the current year, the one these vouchers were awarded for
+    next_year = await client.get(f"/v1/entities/{holder}/balances", headers=auditor, params={"year": YEAR + 1})
+    assert next_year.json()["data"] == []  # nothing held for next year
     assert_problem(await client.get(f"/v1/entities/{other}/balances", headers=enterprise), 404, "not_found")
     assert_problem(await client.get(f"/v1/entities/{holder}/balances", headers=provider), 404, "not_found")
     assert_problem(await client.get(f"/v1/entities/ent_{'0' * 24}/balances", headers=admin), 404, "not_found")
@@ -219,17 +227,30 @@ async def test_revoke_returns_the_available_value_and_frees_cap_room(
     compute_admin = bearer(await create_key(engine, Role.ADMIN, voucher_types=["compute"]))
     enterprise = bearer(await create_key(engine, Role.ENTERPRISE, entity_id=holder))
     before = await budget_available(client, admin, PILOT)
-    assert_problem(await client.post(path, headers=compute_admin, json={}), 403, "forbidden")
-    assert_problem(await client.post(path, headers=enterprise, json={}), 403, "forbidden")
-    for bad in ({"reason": ""}, {"reason": 5}, {"reason": "x" * 1001}, {"why": "x"}):
+    assert_problem(await client.post(path, headers=compute_admin, json={"grounds": "administrative"}), 403, "forbidden")
+    assert_problem(await client.post(path, headers=enterprise, json={"grounds": "administrative"}), 403, "forbidden")
+    for bad in (
+        {"reason": "", "grounds": "administrative"},
+        {"reason": 5, "grounds": "administrative"},
+        {"reason": "x" * 1001, "grounds": "administrative"},
+        {"why": "x", "grounds": "administrative"},
+        {"reason": "no grounds"},
+        {"reason": "x", "grounds": "error"},
+    ):
         assert_problem(await client.post(path, headers=admin, json=bad), 422, "validation_error")
-    assert_problem(await client.post(f"/v1/vouchers/vch_{'0' * 24}/revoke", headers=admin), 404, "not_found")
+    assert_problem(
+        await client.post(f"/v1/vouchers/vch_{'0' * 24}/revoke", headers=admin, json={"grounds": "administrative"}),
+        404,
+        "not_found",
+    )
     unchanged = (await client.get(f"/v1/vouchers/{full['id']}", headers=admin)).json()
     assert (unchanged["status"], unchanged["available_fen"]) == ("active", 2_000_000 * YUAN)
     assert await budget_available(client, admin, PILOT) == before
 
     await redeem(engine, full["id"], 300_000 * YUAN)
-    revoked = await client.post(path, headers=data_admin, json={"reason": "project abandoned"})
+    revoked = await client.post(
+        path, headers=data_admin, json={"reason": "project abandoned", "grounds": "administrative"}
+    )
     assert revoked.status_code == 200, revoked.text
     body = revoked.json()
     assert (body["status"], body["available_fen"], body["released_fen"], body["redeemed_fen"]) == (
@@ -240,7 +261,7 @@ async def test_revoke_returns_the_available_value_and_frees_cap_room(
     )
     assert body["end_reason"] == "project abandoned" and body["ended_at"]
     assert await budget_available(client, admin, PILOT) == before + 1_700_000 * YUAN
-    assert_problem(await client.post(path, headers=admin), 409, "voucher_revoked")
+    assert_problem(await client.post(path, headers=admin, json={"grounds": "administrative"}), 409, "voucher_revoked")
 
     # the cap counts what was issued less what was released: 300,000 元 used, so 1,000,000 元 fits again
     assert (await approve(client, admin, waiting, 1_000_000 * YUAN)).status_code == 201
@@ -262,7 +283,9 @@ async def test_revocation_keeps_holds_in_flight_and_returns_what_they_give_back(
     voucher = await pilot_voucher(client, admin, await create_entity(engine), 400_000 * YUAN)
     hold_id = await hold(engine, voucher["id"], 150_000 * YUAN)
     before = await budget_available(client, admin, PILOT)
-    body = (await client.post(f"/v1/vouchers/{voucher['id']}/revoke", headers=admin)).json()
+    body = (
+        await client.post(f"/v1/vouchers/{voucher['id']}/revoke", headers=admin, json={"grounds": "administrative"})
+    ).json()
     assert (body["status"], body["released_fen"], body["held_fen"]) == ("revoked", 250_000 * YUAN, 150_000 * YUAN)
     assert body["end_reason"] == "revoked by an administrator"
     assert await budget_available(client, admin, PILOT) == before + 250_000 * YUAN
@@ -298,7 +321,11 @@ async def test_expiry_releases_exactly_once_under_concurrent_sweepers(
     # read-time rule: past its expiry it reads expired, with nothing available, before any sweep
     body = (await client.get(f"/v1/vouchers/{voucher['id']}", headers=admin)).json()
     assert (body["status"], body["available_fen"], body["released_fen"]) == ("expired", 0, 280_000 * YUAN)
-    assert_problem(await client.post(f"/v1/vouchers/{voucher['id']}/revoke", headers=admin), 409, "voucher_expired")
+    assert_problem(
+        await client.post(f"/v1/vouchers/{voucher['id']}/revoke", headers=admin, json={"grounds": "administrative"}),
+        409,
+        "voucher_expired",
+    )
     expired = (await client.get("/v1/vouchers", headers=admin, params={"status": "expired"})).json()["data"]
     active = (await client.get("/v1/vouchers", headers=admin, params={"status": "active", "limit": 500})).json()
     assert voucher["id"] in {v["id"] for v in expired}
@@ -357,27 +384,50 @@ async def test_reversal_lets_the_same_basis_support_a_higher_award(
     model_admin = bearer(await create_key(engine, Role.ADMIN, voucher_types=["model"]))
     enterprise = bearer(await create_key(engine, Role.ENTERPRISE, entity_id=lead))
     assert_problem(await client.post(path, headers=admin, json={}), 422, "validation_error")
-    assert_problem(await client.post(path, headers=admin, json={"reason": "  "}), 422, "validation_error")
-    assert_problem(await client.post(path, headers=model_admin, json={"reason": "higher"}), 403, "forbidden")
-    assert_problem(await client.post(path, headers=enterprise, json={"reason": "higher"}), 403, "forbidden")
     assert_problem(
-        await client.post(f"/v1/applications/{rollout}/reverse", headers=admin, json={"reason": "x"}), 409, "conflict"
+        await client.post(path, headers=admin, json={"reason": "  ", "grounds": "administrative"}),
+        422,
+        "validation_error",
+    )
+    assert_problem(await client.post(path, headers=admin, json={"reason": "higher"}), 422, "validation_error")
+    assert_problem(
+        await client.post(path, headers=model_admin, json={"reason": "higher", "grounds": "administrative"}),
+        403,
+        "forbidden",
     )
     assert_problem(
-        await client.post(f"/v1/applications/app_{'0' * 24}/reverse", headers=admin, json={"reason": "x"}),
+        await client.post(path, headers=enterprise, json={"reason": "higher", "grounds": "administrative"}),
+        403,
+        "forbidden",
+    )
+    assert_problem(
+        await client.post(
+            f"/v1/applications/{rollout}/reverse", headers=admin, json={"reason": "x", "grounds": "administrative"}
+        ),
+        409,
+        "conflict",
+    )
+    assert_problem(
+        await client.post(
+            f"/v1/applications/app_{'0' * 24}/reverse", headers=admin, json={"reason": "x", "grounds": "administrative"}
+        ),
         404,
         "not_found",
     )
     assert await budget_available(client, admin, "data.trusted_space") == before
 
-    response = await client.post(path, headers=admin, json={"reason": "就高: the rollout award pays more"})
+    response = await client.post(
+        path, headers=admin, json={"reason": "就高: the rollout award pays more", "grounds": "administrative"}
+    )
     assert response.status_code == 200, response.text
     reversal = response.json()
     assert (reversal["status"], reversal["kind"], reversal["returned_fen"]) == ("reversed", "payout", 300_000 * YUAN)
     assert reversal["released_documents"] == [f"project:{project}"] and reversal["entry_id"]
     assert await budget_available(client, admin, "data.trusted_space") == before + 300_000 * YUAN
     assert (await client.get(f"/v1/applications/{space}", headers=admin)).json()["status"] == "reversed"
-    assert_problem(await client.post(path, headers=admin, json={"reason": "again"}), 409, "conflict")
+    assert_problem(
+        await client.post(path, headers=admin, json={"reason": "again", "grounds": "administrative"}), 409, "conflict"
+    )
 
     higher = await approve(client, admin, rollout)
     assert higher.status_code == 201, higher.text
@@ -407,7 +457,11 @@ async def test_reversing_a_voucher_award_refuses_while_value_is_at_providers(
     spent = await pilot_voucher(client, admin, holder, 100_000 * YUAN)
     await redeem(engine, spent["id"], 1 * YUAN)
     problem = assert_problem(
-        await client.post(f"/v1/applications/{spent['application_id']}/reverse", headers=admin, json={"reason": "x"}),
+        await client.post(
+            f"/v1/applications/{spent['application_id']}/reverse",
+            headers=admin,
+            json={"reason": "x", "grounds": "administrative"},
+        ),
         409,
         "conflict",
     )
@@ -418,7 +472,9 @@ async def test_reversing_a_voucher_award_refuses_while_value_is_at_providers(
     clean = await pilot_voucher(client, admin, holder, 500_000 * YUAN)
     before = await budget_available(client, admin, PILOT)
     response = await client.post(
-        f"/v1/applications/{clean['application_id']}/reverse", headers=admin, json={"reason": "duplicate award"}
+        f"/v1/applications/{clean['application_id']}/reverse",
+        headers=admin,
+        json={"reason": "duplicate award", "grounds": "administrative"},
     )
     assert response.status_code == 200, response.text
     reversal = response.json()
@@ -451,7 +507,10 @@ async def test_concurrent_revocations_release_once(
     voucher = await pilot_voucher(client, admin, await create_entity(engine), 200_000 * YUAN)
     before = await budget_available(client, admin, PILOT)
     results = await asyncio.gather(
-        *(client.post(f"/v1/vouchers/{voucher['id']}/revoke", headers=admin) for _ in range(4))
+        *(
+            client.post(f"/v1/vouchers/{voucher['id']}/revoke", headers=admin, json={"grounds": "administrative"})
+            for _ in range(4)
+        )
     )
     assert sorted(r.status_code for r in results) == [200, 409, 409, 409], [r.text for r in results]
     assert {r.json()["code"] for r in results if r.status_code == 409} == {"voucher_revoked"}

@@ -14,7 +14,7 @@ import secrets
 import string
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,7 +31,9 @@ from vouchers.bases import (
     FirstPurchaseBasis,
     _Basis,
     documents,
+    duplicates,
     exclusive_keys,
+    unknown_counterparty,
 )
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
@@ -39,7 +41,8 @@ from vouchers.errors import VoucherError
 from vouchers.evaluation import Computed, Context, evaluate
 from vouchers.locking import lock
 from vouchers.programs import ProgramDefinition
-from vouchers.rules import program_year, year_end
+from vouchers.rules import SHANGHAI, approval_timing, voucher_expiry
+from vouchers.sanctions import cap_used_by_program, refuse_if_sanctioned
 
 # (conn, applicant, counterparty, on date) -> the chain of relations when affiliated, else None
 AffiliationChecker = Callable[[AsyncConnection, str, str, date], Awaitable[Sequence[Mapping[str, Any]] | None]]
@@ -79,6 +82,10 @@ class YearClosed(VoucherError):
     code = "year_closed"
 
 
+class YearNotStarted(VoucherError):
+    code = "year_not_started"
+
+
 class CapExceeded(VoucherError):
     code = "cap_exceeded"
 
@@ -101,6 +108,30 @@ class BasisAlreadyUsed(VoucherError):
 
 class PurchaseAlreadyReported(VoucherError):
     code = "conflict"
+
+
+class DuplicateBasis(VoucherError):
+    """One document listed twice in one application: it is one document's lines, never summed (art. 25)."""
+
+    code = "duplicate_basis"
+
+    def __init__(self, found: Sequence[tuple[str, Sequence[int]]]) -> None:
+        named = "; ".join(f"{d} at lines {', '.join(map(str, lines))}" for d, lines in found)
+        super().__init__(
+            f"the same document is listed more than once: {named}. List each document once (an invoice's lines of "
+            "different categories are one document's lines); one document supports one award (art. 25)"
+        )
+        self.errors = [{"document": d, "indexes": list(lines)} for d, lines in found]
+
+
+class AffiliatedPurchaser(VoucherError):
+    """art. 11 ¶2, art. 25: an industry first purchaser buys at arm's length from the model's vendor."""
+
+    code = "affiliated_party"
+
+    def __init__(self, detail: str, path: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__(detail)
+        self.errors = [{"path": list(path)}]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +192,90 @@ def _counterparties(basis: _Basis) -> list[tuple[str, str, date]]:
     if isinstance(basis, ComputePurchaseBasis):
         return [(p.document, p.provider_entity_id, p.purchased_on) for p in basis.purchases]
     if isinstance(basis, DatasetBenchmarkBasis):
-        return [(f"contract:{c.contract_no}", c.counterparty_entity_id, c.signed_on) for c in basis.contracts]
+        return [(c.document, c.counterparty_entity_id, c.signed_on) for c in basis.contracts]
     return []
+
+
+def _numbered(basis: _Basis) -> list[tuple[str, str, str]]:
+    """(document, counterparty, number) of each document with a counterparty."""
+    if isinstance(basis, ComputePurchaseBasis):
+        return [(p.document, p.provider_entity_id, p.invoice_no) for p in basis.purchases]
+    if isinstance(basis, DatasetBenchmarkBasis):
+        return [(c.document, c.counterparty_entity_id, c.contract_no) for c in basis.contracts]
+    if isinstance(basis, FirstPurchaseBasis):
+        return [(basis.document, basis.vendor_entity_id, basis.contract_no)]
+    return []
+
+
+async def active_holders(conn: AsyncConnection, wanted: Sequence[str]) -> dict[str, str]:
+    """document -> the award (application or external award id) an active claim on it supports: the claim
+    on the document itself (a duplicate kept by migration 0015 included), or for a document with a
+    counterparty, a `number:` claim of the same number recorded before its counterparty was known."""
+    legacy = {d: k for d in wanted if (k := unknown_counterparty(d)) is not None}
+    rows = await conn.execute(
+        text(
+            "SELECT DISTINCT ON (document) document, coalesce(application_id, external_award_id) AS holder "
+            "FROM basis_claim WHERE released_at IS NULL AND document = ANY(:docs) ORDER BY document, id"
+        ),
+        {"docs": sorted({*wanted, *legacy.values()})},
+    )
+    found = {row.document: row.holder for row in rows}
+    holders = {d: found[d] for d in wanted if d in found}
+    for document, key in legacy.items():
+        if document not in holders and key in found:
+            holders[document] = found[key]
+    return holders
+
+
+async def _voucher_paid(conn: AsyncConnection, numbered: Sequence[tuple[str, str, str]]) -> dict[str, int]:
+    """document -> what vouchers paid on it: redemptions at its counterparty under its number, each net of
+    what was refunded; a reversed (clawed back) redemption paid nothing (its value went back to the voucher,
+    or is owed back by the provider)."""
+    if not numbered:
+        return {}
+    distinct = sorted({(c, n) for _d, c, n in numbered})  # an invoice's lines of several categories: once
+    rows = await conn.execute(
+        text(
+            "SELECT r.provider_entity_id, r.invoice_no, "
+            "       sum(CASE WHEN r.reversed_at IS NULL THEN r.subsidy_fen - r.refunded_fen ELSE 0 END) AS paid "
+            "FROM redemption r JOIN unnest(CAST(:providers AS text[]), CAST(:nos AS text[])) AS d(provider, no) "
+            "  ON r.provider_entity_id = d.provider AND r.invoice_no = d.no "
+            "GROUP BY r.provider_entity_id, r.invoice_no"
+        ),
+        {"providers": [c for c, _n in distinct], "nos": [n for _c, n in distinct]},
+    )
+    paid = {(row.provider_entity_id, row.invoice_no): int(row.paid) for row in rows}
+    return {d: paid[(c, n)] for d, c, n in numbered if paid.get((c, n), 0) > 0}
+
+
+async def _no_self_dealing(
+    conn: AsyncConnection, checker: AffiliationChecker, basis: FirstPurchaseBasis, applicant: str, today: date
+) -> None:
+    """art. 11 ¶2, art. 25: the industry first purchaser is neither the model's vendor nor affiliated with it
+    on the contract date (the decision date when the contract date is not given)."""
+    on = basis.signed_on or today
+    path = await checker(conn, applicant, basis.vendor_entity_id, on)
+    if path is None:
+        return
+    if applicant == basis.vendor_entity_id:
+        detail = (
+            f"the applicant {applicant} is the model's vendor: a vendor cannot be its own industry first "
+            "purchaser (art. 11 ¶2, no self-dealing, art. 25)"
+        )
+    else:
+        detail = (
+            f"the applicant {applicant} is affiliated with the vendor {basis.vendor_entity_id} on {on} "
+            "(the chain of relations is in errors[0].path): an industry first purchase is bought at arm's "
+            "length (art. 11 ¶2, no self-dealing, art. 25)"
+        )
+    raise AffiliatedPurchaser(detail, path)
+
+
+def check_no_duplicates(basis: _Basis) -> None:
+    """`duplicate_basis` when one document is listed twice (POLICY.md, "A document is claimed whole")."""
+    found = duplicates(basis)
+    if found:
+        raise DuplicateBasis(found)
 
 
 async def build_context(
@@ -172,7 +285,12 @@ async def build_context(
     basis: _Basis,
     applicant: str,
     year: int,
+    *,
+    today: date | None = None,
 ) -> Context:
+    """Everything `evaluate` needs from the database. `today` (Asia/Shanghai) is the decision's date: the
+    affiliation date of a first purchase whose contract date is not given. Refuses a self-dealt first
+    purchase (`AffiliatedPurchaser`)."""
     entity = await _entity(conn, applicant)
     if entity is None:
         raise InvalidApplication(f"applicant_entity_id: no entity {applicant}")
@@ -181,24 +299,19 @@ async def build_context(
         for document, counterparty, on in _counterparties(basis):
             if await _entity(conn, counterparty) is None:
                 raise InvalidApplication(f"basis: no entity {counterparty}")
+            if document in affiliated:
+                continue
             path = await checker(conn, applicant, counterparty, on)
             if path is not None:
                 affiliated[document] = path
-    if isinstance(basis, FirstPurchaseBasis) and await _entity(conn, basis.vendor_entity_id) is None:
-        raise InvalidApplication(f"basis.vendor_entity_id: no entity {basis.vendor_entity_id}")
+    if isinstance(basis, FirstPurchaseBasis):
+        if await _entity(conn, basis.vendor_entity_id) is None:
+            raise InvalidApplication(f"basis.vendor_entity_id: no entity {basis.vendor_entity_id}")
+        await _no_self_dealing(conn, checker, basis, applicant, today or datetime.now(SHANGHAI).date())
     wanted = documents(basis) + exclusive_keys(basis)
     if isinstance(basis, FirstPurchaseBasis):
         wanted.append(f"model:{basis.model_ref}")
-    claims = {
-        row.document: row.holder
-        for row in await conn.execute(
-            text(
-                "SELECT document, coalesce(application_id, external_award_id) AS holder FROM basis_claim "
-                "WHERE released_at IS NULL AND document = ANY(:docs)"
-            ),
-            {"docs": wanted},
-        )
-    }
+    claims = await active_holders(conn, wanted)
     on_record = 0
     if program.top_up:
         on_record = int(
@@ -213,29 +326,32 @@ async def build_context(
         )
     already = 0
     if program.cap_applies_to == "entity_year":
-        already = int(
+        # issued awards by the one rule of cap use (misconduct keeps it used, art. 25), plus awards in notice
+        issued = await cap_used_by_program(conn, applicant, year, program=program.code)
+        already = issued.get(program.code, 0) + int(
             await conn.scalar(
                 text(
-                    "SELECT (SELECT coalesce(sum(face_value_fen - released_fen), 0) FROM voucher "
-                    "        WHERE holder_entity_id = :e AND program = :p AND year = :y) "
-                    "     + (SELECT coalesce(sum(award_fen), 0) FROM application "
-                    "        WHERE applicant_entity_id = :e AND program = :p AND year = :y "
-                    "          AND status IN ('in_notice', 'held'))"
+                    "SELECT coalesce(sum(award_fen), 0) FROM application "
+                    "WHERE applicant_entity_id = :e AND program = :p AND year = :y AND status IN ('in_notice', 'held')"
                 ),
                 {"e": applicant, "p": program.code, "y": year},
             )
             or 0
         )
+    numbered = _numbered(basis)
     reported: dict[str, tuple[str, int]] = {}
-    if isinstance(basis, ComputePurchaseBasis):
-        for row in await conn.execute(
-            text(
-                "SELECT provider_entity_id, invoice_no, category, amount_fen FROM purchase "
-                "WHERE buyer_entity_id = :e AND invoice_no = ANY(:nos)"
-            ),
-            {"e": applicant, "nos": [p.invoice_no for p in basis.purchases]},
-        ):
-            reported[f"invoice:{row.provider_entity_id}:{row.invoice_no}"] = (row.category, int(row.amount_fen))
+    if numbered:
+        sales = {
+            (row.provider_entity_id, row.invoice_no): (row.category, int(row.amount_fen))
+            for row in await conn.execute(
+                text(
+                    "SELECT provider_entity_id, invoice_no, category, amount_fen FROM purchase "
+                    "WHERE buyer_entity_id = :e AND invoice_no = ANY(:nos)"
+                ),
+                {"e": applicant, "nos": sorted({n for _d, _c, n in numbered})},
+            )
+        }
+        reported = {d: sales[(c, n)] for d, c, n in numbered if (c, n) in sales}
     model_filed, first_purchaser = True, None
     if isinstance(basis, FirstPurchaseBasis):
         # on record as filed: its first national filing supports an award here or under another policy
@@ -250,6 +366,7 @@ async def build_context(
         on_record_fen=on_record,
         already_fen=already,
         reported=reported,
+        voucher_paid=await _voucher_paid(conn, numbered),
         model_filed=model_filed,
         first_purchaser=first_purchaser,
     )
@@ -349,6 +466,8 @@ async def submit(
 ) -> Application:
     definition = catalog.for_year(program, year)
     parsed = parse_basis(program, basis)
+    check_no_duplicates(parsed)
+    await refuse_if_sanctioned(conn, applicant_entity_id, now=datetime.now(UTC))  # art. 25, any program
     context = await build_context(conn, checker, definition, parsed, applicant_entity_id, year)
     computed = evaluate(definition, parsed, context)
     application_id = new_id("app_")
@@ -390,14 +509,24 @@ async def approve(
     if application.status != "submitted":
         raise ApplicationNotPending(f"application {application_id} is {application.status}, not submitted")
     program = catalog.version(application.program, application.definition_version)
-    if program_year(now) > application.year:
+    timing = approval_timing(application.year, now)
+    if timing == "not_started":
+        raise YearNotStarted(
+            f"an award for {application.year} can be approved only from 1 January {application.year} "
+            f"(Asia/Shanghai): it is sized on the previous year's (上一年度) total, which is not known before "
+            f"then (art. 8); submit it now and it is approved once {application.year} has begun"
+        )
+    if timing == "closed":
         raise YearClosed(f"{application.year} has ended (Asia/Shanghai): nothing is issued for it any more")
     holder, year = application.applicant_entity_id, application.year
+    await refuse_if_sanctioned(conn, holder, now=now)  # a sanction imposed since it was submitted (art. 25)
     # lock order: program-year, then holder-program-year (every approval takes them in this order)
     await lock(conn, f"award:{program.code}:{year}")
     await lock(conn, f"award:{program.code}:{year}:{holder}")
     basis = parse_basis(program.code, application.basis)
-    computed = evaluate(program, basis, await build_context(conn, checker, program, basis, holder, year))
+    check_no_duplicates(basis)
+    today = now.astimezone(SHANGHAI).date()
+    computed = evaluate(program, basis, await build_context(conn, checker, program, basis, holder, year, today=today))
     if program.award == "reviewer" and award_fen is None:
         raise InvalidApplication("award_fen: a reviewer-set program needs the reviewer's figure")
     award = computed.award_fen if award_fen is None else award_fen
@@ -444,7 +573,7 @@ async def approve(
                 postings=postings,
                 timeout_s=(program.notice_days + NOTICE_GRACE_DAYS) * 86_400,
                 memo=f"{program.code} {year}: held through the public notice of application {application_id}",
-                metadata={"program": program.code, "year": year, "application": application_id},
+                metadata={"program": program.code, "year": year, "application": application_id, **_deducted(computed)},
             )
         except (LimitExceeded, AccountNotFound) as refused:
             raise BudgetExhausted(f"the {program.code} {year} budget cannot hold {award} fen") from refused
@@ -464,7 +593,13 @@ async def approve(
             key=f"issue:{application_id}",
             postings=postings,
             memo=f"{program.code} {year}: {program.mode} {issue_id} for application {application_id}",
-            metadata={"program": program.code, "year": year, "application": application_id, "holder": holder},
+            metadata={
+                "program": program.code,
+                "year": year,
+                "application": application_id,
+                "holder": holder,
+                **_deducted(computed),
+            },
         )
     except (LimitExceeded, AccountNotFound) as refused:
         raise BudgetExhausted(f"the {program.code} {year} budget cannot fund {award} fen") from refused
@@ -476,7 +611,17 @@ async def approve(
         ),
         decision,
     )
-    return await record_issue(conn, program, basis, application_id, issue_id, award, entry.id)
+    return await record_issue(
+        conn,
+        program,
+        basis,
+        application_id,
+        issue_id,
+        award,
+        entry.id,
+        issued_at=now,
+        min_validity_days=catalog.policy.min_validity_days,
+    )
 
 
 # A hold outlives the notice period by this much, so that an objection resolved a little late still finds it.
@@ -505,13 +650,18 @@ async def record_issue(
     issue_id: str,
     award: int,
     entry_id: int,
+    *,
+    issued_at: datetime,
+    min_validity_days: int,
 ) -> Issued:
+    """Record an issued award. A voucher expires at the end of its year or `min_validity_days` after
+    `issued_at`, whichever is later (rules.voucher_expiry)."""
     application = await get(conn, application_id)
     holder, year = application.applicant_entity_id, application.year
     expires_at: datetime | None = None
     if program.mode == "voucher":
         assert program.redemption is not None
-        expires_at = year_end(year)
+        expires_at = voucher_expiry(year, issued_at, min_validity_days)
         uplifted = isinstance(basis, FirstPurchaseBasis) and basis.rd_project
         rate = program.redemption.uplift_rate_bp if uplifted else program.redemption.rate_bp
         vendor = basis.vendor_entity_id if isinstance(basis, FirstPurchaseBasis) else None
@@ -558,43 +708,48 @@ async def record_issue(
     return Issued(await get(conn, application_id), program.mode, issue_id, award, expires_at)
 
 
+def _deducted(computed: Computed) -> dict[str, int]:
+    """The issuing entry names what was deducted from the basis (voucher-paid, above a reported sale), so
+    an export shows it beside the award (art. 8 实际采购, art. 25)."""
+    total = sum(d.amount_fen for d in computed.deductions)
+    return {"deducted_fen": total} if total else {}
+
+
 def _claimed_documents(basis: _Basis, computed: Computed) -> list[str]:
-    """What an issued award holds: its documents (for compute, the invoices that counted) and exclusive keys."""
-    excluded = {e.document for e in computed.excluded}
-    return [d for d in documents(basis) if d not in excluded] + exclusive_keys(basis)
+    """What an issued award holds: every document of its basis, those with excluded lines included (a
+    storage line does not leave its invoice free for another award), except the ones another award already
+    holds; and its exclusive keys."""
+    held = {e.document for e in computed.excluded if e.reason == "basis_already_used"}
+    return [d for d in documents(basis) if d not in held] + exclusive_keys(basis)
 
 
 async def _claim(conn: AsyncConnection, application_id: str, wanted: list[str]) -> None:
     if not wanted:
         return
-    inserted = (
-        (
-            await conn.execute(
-                text(
-                    "INSERT INTO basis_claim (document, application_id) "
-                    "SELECT d, :app FROM unnest(CAST(:docs AS text[])) d "
-                    "ON CONFLICT (document) WHERE released_at IS NULL DO NOTHING RETURNING document"
-                ),
-                {"app": application_id, "docs": wanted},
+    # claims the unique index does not see (a duplicate kept by 0015, a `number:` of unknown counterparty)
+    # are never written any more, so reading them before the insert is enough
+    taken = await active_holders(conn, wanted)
+    if not taken:
+        inserted = (
+            (
+                await conn.execute(
+                    text(
+                        "INSERT INTO basis_claim (document, application_id) "
+                        "SELECT d, :app FROM unnest(CAST(:docs AS text[])) d "
+                        "ON CONFLICT (document) WHERE released_at IS NULL AND duplicate_of IS NULL DO NOTHING "
+                        "RETURNING document"
+                    ),
+                    {"app": application_id, "docs": wanted},
+                )
             )
+            .scalars()
+            .all()
         )
-        .scalars()
-        .all()
-    )
-    taken = sorted(set(wanted) - set(inserted))
-    if taken:
-        holders = {
-            row.document: row.holder
-            for row in await conn.execute(
-                text(
-                    "SELECT document, coalesce(application_id, external_award_id) AS holder FROM basis_claim "
-                    "WHERE released_at IS NULL AND document = ANY(:docs)"
-                ),
-                {"docs": taken},
-            )
-        }
-        named = ", ".join(f"{d} supports {holders.get(d, 'another award')}" for d in taken)
-        raise BasisAlreadyUsed(f"no double support (art. 25): {named}")
+        if len(inserted) == len(wanted):
+            return
+        taken = await active_holders(conn, sorted(set(wanted) - set(inserted)))
+    named = ", ".join(f"{d} supports {h}" for d, h in sorted(taken.items())) or "another award holds it"
+    raise BasisAlreadyUsed(f"no double support (art. 25): {named}")
 
 
 async def reject(conn: AsyncConnection, *, application_id: str, reason: str, actor: str) -> Application:

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.service import Ledger
+from vouchers import sanctions
 from vouchers.applications import AffiliationChecker, Issued, approve, build_context, parse_basis, submit
 from vouchers.catalog import Catalog
 from vouchers.evaluation import evaluate
@@ -55,7 +56,8 @@ async def _reported_basis(conn: AsyncConnection, entity_id: str, year: int) -> d
                 "WHERE p.buyer_entity_id = :e AND p.purchased_on >= make_date(:y - 1, 1, 1) "
                 "AND p.purchased_on < make_date(:y, 1, 1) AND NOT EXISTS (SELECT 1 FROM basis_claim c "
                 "WHERE c.released_at IS NULL "
-                "AND c.document = 'invoice:' || p.provider_entity_id || ':' || p.invoice_no) "
+                # bases.document_id, and a `number:` claim of unknown counterparty (migration 0015)
+                "AND c.document IN ('doc:' || p.provider_entity_id || ':' || p.invoice_no, 'number:' || p.invoice_no)) "
                 "ORDER BY p.purchased_on, p.id LIMIT 500"
             ),
             {"e": entity_id, "y": year},
@@ -91,6 +93,11 @@ async def grant(
     year = program_year(now)
     program = catalog.for_year(PROGRAM, year)
     if not await try_lock(conn, f"automatic:{entity_id}:{year}"):
+        return None
+    sanction = await sanctions.in_force(conn, entity_id, on=sanctions.shanghai_date(now))
+    if sanction is not None:
+        # art. 25: no new award under any program, the automatic one included
+        log.info("免申即享 skips %s: %s", entity_id, sanctions.describe(sanction))
         return None
     basis = await _reported_basis(conn, entity_id, year)
     if basis is None:

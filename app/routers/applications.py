@@ -18,17 +18,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.apikeys import Caller, Role
 from app.commands import run_command
-from app.dependencies import CallerDep, SessionDep, UnrestrictedAdminCaller, require_roles
+from app.dependencies import AdminOrAuditorCaller, CallerDep, SessionDep, UnrestrictedAdminCaller, require_roles
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import affiliation_checker
 from app.schemas import Fen, PositiveFen, RequestModel, ResponseModel
 from vouchers import applications as service
-from vouchers import notices
+from vouchers import external_awards, notices
 from vouchers.applications import AffiliationChecker, Application, ApplicationNotFound, Issued, new_id
-from vouchers.bases import DOCUMENT_KINDS, EntityId
+from vouchers.bases import DOCUMENT_KINDS, EntityId, external_document
 from vouchers.catalog import Catalog, publish
 from vouchers.programs import ProgramCode
+from vouchers.sanctions import Grounds
 
 router = APIRouter(tags=["applications"], responses=problem_responses(401, 403, 422))
 
@@ -98,11 +99,18 @@ class IssuedOut(ResponseModel):
 class ExternalAwardIn(RequestModel):
     entity_id: EntityId
     basis_ref: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=300)] = Field(
-        description=f"the document as `kind:reference`, kind one of {', '.join(DOCUMENT_KINDS)}"
+        description=f"the document as `kind:reference`, kind one of {', '.join(DOCUMENT_KINDS)}; an invoice or a "
+        "contract as `invoice:<counterparty entity id>:<number>` (or `contract:` or `doc:`, one identity)"
     )
     policy: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     amount_fen: PositiveFen
     awarded_on: date
+    draws_appropriation: bool = Field(
+        default=False,
+        description="support this city pays under an article other than 8-11: drawn from the appropriation of the "
+        "year of `awarded_on`, which program budgets and these draws together never exceed (art. 27; "
+        "`409 appropriation_exceeded` otherwise)",
+    )
 
 
 class ExternalAwardOut(ResponseModel):
@@ -112,7 +120,23 @@ class ExternalAwardOut(ResponseModel):
     policy: str
     amount_fen: int
     awarded_on: date
+    draws_appropriation: bool
+    draw_entry_id: str | None = Field(default=None, description="the ledger entry that drew it from the appropriation")
     created_at: datetime
+    reversed_at: datetime | None = None
+    reversal_grounds: Grounds | None = None
+    reversal_reason: str | None = None
+    return_entry_id: str | None = Field(default=None, description="the entry that returned the draw on reversal")
+    sanction_id: str | None = Field(default=None, description="misconduct: the sanction recorded against the entity")
+    released_documents: list[str] = Field(default_factory=list, description="freed by an administrative reversal")
+
+
+class ExternalAwardReverseIn(RequestModel):
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+    grounds: Grounds = Field(
+        description="`administrative` (就高: the entity chose a higher award here, or an error) frees the document; "
+        "`misconduct` keeps it claimed for good and sanctions the entity (art. 25)"
+    )
 
 
 class PurchaseIn(RequestModel):
@@ -306,16 +330,19 @@ async def reject(
     responses=problem_responses(409),
 )
 async def record_external_award(
-    body: ExternalAwardIn, session: SessionDep, caller: UnrestrictedAdminCaller
+    request: Request, body: ExternalAwardIn, session: SessionDep, caller: UnrestrictedAdminCaller
 ) -> ExternalAwardOut:
-    kind, _, reference = body.basis_ref.partition(":")
-    if kind not in DOCUMENT_KINDS or not reference:
-        raise ValidationFailed(
-            f"basis_ref is `kind:reference` with kind one of {', '.join(DOCUMENT_KINDS)}", loc=("body", "basis_ref")
-        )
+    try:  # one identity per document: an invoice or a contract is its counterparty plus its number (art. 25)
+        document, counterparty = external_document(body.basis_ref)
+    except ValueError as invalid:
+        raise ValidationFailed(str(invalid), loc=("body", "basis_ref")) from None
     conn = await session.connection()
     if await conn.scalar(text("SELECT 1 FROM entity WHERE id = :id"), {"id": body.entity_id}) is None:
         raise ValidationFailed(f"no entity {body.entity_id}", loc=("body", "entity_id"))
+    if counterparty and await conn.scalar(text("SELECT 1 FROM entity WHERE id = :id"), {"id": counterparty}) is None:
+        raise ValidationFailed(f"no entity {counterparty}", loc=("body", "basis_ref"))
+    if taken := await service.active_holders(conn, [document]):
+        raise service.BasisAlreadyUsed(f"no double support (art. 25): {document} already supports {taken[document]}")
     award_id = new_id("ext_")
     row = (
         await conn.execute(
@@ -337,9 +364,9 @@ async def record_external_award(
     claimed = await conn.scalar(
         text(
             "INSERT INTO basis_claim (document, external_award_id) VALUES (:d, :id) "
-            "ON CONFLICT (document) WHERE released_at IS NULL DO NOTHING RETURNING id"
+            "ON CONFLICT (document) WHERE released_at IS NULL AND duplicate_of IS NULL DO NOTHING RETURNING id"
         ),
-        {"d": body.basis_ref, "id": award_id},
+        {"d": document, "id": award_id},
     )
     if claimed is None:
         holder = await conn.scalar(
@@ -347,11 +374,82 @@ async def record_external_award(
                 "SELECT coalesce(application_id, external_award_id) FROM basis_claim "
                 "WHERE document = :d AND released_at IS NULL"
             ),
-            {"d": body.basis_ref},
+            {"d": document},
         )
-        raise service.BasisAlreadyUsed(f"no double support (art. 25): {body.basis_ref} already supports {holder}")
+        raise service.BasisAlreadyUsed(f"no double support (art. 25): {document} already supports {holder}")
+    if body.draws_appropriation:
+        drawn = await external_awards.draw(
+            conn,
+            request.app.state.ledger,
+            award_id=award_id,
+            appropriation_fen=request.app.state.settings.appropriation_fen,
+            now=datetime.now(UTC),
+        )
+        await session.commit()
+        return _external_out(drawn)
     await session.commit()
     return ExternalAwardOut(id=award_id, created_at=row.created_at, **body.model_dump())
+
+
+def _external_out(award: external_awards.ExternalAward) -> ExternalAwardOut:
+    return ExternalAwardOut(
+        id=award.id,
+        entity_id=award.entity_id,
+        basis_ref=award.basis_ref,
+        policy=award.policy,
+        amount_fen=award.amount_fen,
+        awarded_on=award.awarded_on,
+        draws_appropriation=award.draws_appropriation,
+        draw_entry_id=None if award.draw_entry_id is None else str(award.draw_entry_id),
+        created_at=award.created_at,
+        reversed_at=award.reversed_at,
+        reversal_grounds=award.reversal_grounds,
+        reversal_reason=award.reversal_reason,
+        return_entry_id=None if award.return_entry_id is None else str(award.return_entry_id),
+        sanction_id=award.sanction_id,
+        released_documents=list(award.released_documents),
+    )
+
+
+ExternalAwardId = Annotated[str, Path(pattern=r"^ext_[a-z0-9]{24}$")]
+
+
+@router.get(
+    "/external-awards/{award_id}",
+    summary="One external award: its draw on the appropriation and its reversal, if any",
+    responses=problem_responses(404),
+)
+async def get_external_award(
+    award_id: ExternalAwardId, session: SessionDep, _caller: AdminOrAuditorCaller
+) -> ExternalAwardOut:
+    return _external_out(await external_awards.get(await session.connection(), award_id))
+
+
+@router.post(
+    "/external-awards/{award_id}/reverse",
+    summary="Reverse an external award: administrative grounds free its document (就高), misconduct keeps it "
+    "claimed and sanctions the entity; a draw on the appropriation is returned",
+    responses=problem_responses(404, 409),
+)
+async def reverse_external_award(
+    request: Request,
+    award_id: ExternalAwardId,
+    body: ExternalAwardReverseIn,
+    session: SessionDep,
+    caller: UnrestrictedAdminCaller,
+) -> ExternalAwardOut:
+    award, _sanction = await external_awards.reverse(
+        await session.connection(),
+        request.app.state.ledger,
+        award_id=award_id,
+        reason=body.reason,
+        grounds=body.grounds,
+        actor=caller.key_id,
+        sanction_years=_catalog(request).policy.sanction_years,
+        now=datetime.now(UTC),
+    )
+    await session.commit()
+    return _external_out(award)
 
 
 @router.post(

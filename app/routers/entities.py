@@ -13,15 +13,17 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Path, Query, Request, status
-from pydantic import AfterValidator, Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, StrictBool, StrictStr, field_validator, model_validator
 
 from app.apikeys import Caller, Role, live_keys_unfit_for
 from app.dependencies import AdminOrAuditorCaller, CallerDep, SessionDep, UnrestrictedAdminCaller
 from app.errors import ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import grant_automatic
+from app.routers.sanctions import SanctionOut
 from app.schemas import RequestModel, ResponseModel
 from vouchers import entities as service
+from vouchers import sanctions
 from vouchers.automatic import automatic_tags
 from vouchers.entities import (
     KEEP,
@@ -88,9 +90,17 @@ EntityIdPath = Annotated[str, Path(pattern=r"^ent_[a-z0-9]{1,60}$", description=
 
 
 class EntityCreate(RequestModel):
-    uscc: StrictStr = Field(
+    """An organisation by its `uscc`; a natural person (`kind: person`) by its `id_document_no` instead."""
+
+    uscc: StrictStr | None = Field(
+        default=None,
         description="unified social credit code (统一社会信用代码): 18 characters; spaces around it and lower case "
-        "are accepted and normalised. Not a valid code: `422 invalid_uscc`",
+        "are accepted and normalised. Not a valid code: `422 invalid_uscc`. Absent for a person",
+    )
+    id_document_no: SecretStr | None = Field(
+        default=None,
+        description="a person's identity-document number (kind `person` only): kept only as a keyed hash, "
+        "never returned; spaces around it, full-width characters and lower case are normalised",
     )
     name: Name
     kind: EntityKind
@@ -155,16 +165,20 @@ class EligibilityOut(ResponseModel):
 
 class EntityOut(ResponseModel):
     id: str
-    uscc: str
+    uscc: str | None = Field(description="absent (null) for a person, whose document number is never shown")
     name: str
     kind: EntityKind
     tags: list[str]
-    division_code: str = Field(description="characters 3-8 of the uscc")
+    division_code: str | None = Field(description="characters 3-8 of the uscc (null for a person)")
     guangzhou_registered: bool
     eligible: bool = Field(description="art. 25: the override when there is one, else the presumption")
     eligibility: EligibilityOut
     created_at: datetime
     updated_at: datetime
+    sanctions: list[SanctionOut] = Field(
+        default_factory=list,
+        description="misconduct decisions against the entity, oldest first, lifted and ended ones too (art. 25)",
+    )
 
     @classmethod
     def of(cls, entity: Entity) -> EntityOut:
@@ -191,7 +205,7 @@ class EntityOut(ResponseModel):
 class EntityEventOut(ResponseModel):
     id: str
     entity_id: str
-    kind: Literal["created", "renamed", "kind", "tags", "eligibility"]
+    kind: Literal["created", "renamed", "kind", "tags", "eligibility", "sanctioned", "sanction_lifted"]
     change: dict[str, Any] = Field(description="`{before, after}`")
     reason: str | None
     evidence_ref: str | None
@@ -224,13 +238,19 @@ def _check_visible(caller: Caller, entity_id: str) -> None:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    summary="Register an entity by its unified social credit code",
+    summary="Register an entity by its unified social credit code, or a natural person by its identity document",
     responses=problem_responses(409),
 )
-async def create(body: EntityCreate, session: SessionDep, caller: UnrestrictedAdminCaller) -> EntityOut:
-    entity = await service.create_entity(
-        session, NewEntity(uscc=body.uscc, name=body.name, kind=body.kind, tags=body.tags), actor_key_id=caller.key_id
-    )
+async def create(
+    request: Request, body: EntityCreate, session: SessionDep, caller: UnrestrictedAdminCaller
+) -> EntityOut:
+    number = body.id_document_no.get_secret_value() if body.id_document_no is not None else None
+    new = NewEntity(uscc=body.uscc, name=body.name, kind=body.kind, tags=body.tags, id_document_no=number)
+    key = service.id_document_key(request.app.state.keyring.kek) if body.kind is EntityKind.PERSON else None
+    try:
+        entity = await service.create_entity(session, new, actor_key_id=caller.key_id, id_document_key=key)
+    except InvalidEntity as exc:  # which identifier a kind takes: a 422 naming the field, as pydantic's are
+        raise ValidationFailed(exc.detail, loc=("body", exc.field)) from None
     await session.commit()
     return EntityOut.of(entity)
 
@@ -252,13 +272,22 @@ async def list_entities(
     code = parse_uscc(uscc).code if uscc is not None else None
     rows = await service.list_entities(session, after=after, limit=page.limit + 1, tag=tag, kind=kind, uscc=code)
     rows, next_cursor = split_page(rows, page.limit, lambda row: _CURSOR.encode((row.created_at, row.id)))
-    return Page[EntityOut](data=[EntityOut.of(row) for row in rows], next_cursor=next_cursor)
+    decided = await sanctions.for_entities(await session.connection(), [row.id for row in rows])
+    return Page[EntityOut](
+        data=[
+            EntityOut.of(row).model_copy(update={"sanctions": [SanctionOut.of(s) for s in decided[row.id]]})
+            for row in rows
+        ],
+        next_cursor=next_cursor,
+    )
 
 
 @router.get("/{id}", summary="One entity", responses=problem_responses(404))
 async def get(id: EntityIdPath, session: SessionDep, caller: CallerDep) -> EntityOut:
     _check_visible(caller, id)
-    return EntityOut.of(await service.get_entity(session, id))
+    entity = EntityOut.of(await service.get_entity(session, id))
+    decided = await sanctions.for_entity(await session.connection(), id)
+    return entity.model_copy(update={"sanctions": [SanctionOut.of(s) for s in decided]})
 
 
 @router.patch(
@@ -278,11 +307,12 @@ async def patch(
                 f"a {body.kind} entity cannot keep its live keys of another role: revoke {', '.join(unfit)} first",
                 loc=("body", "kind"),
             )
+    decided = await sanctions.for_entity(await session.connection(), id)
     await session.commit()
     if automatic_tags(request.app.state.catalog) & set(update.tags_added):
         # 免申即享 (art. 19): tagging grants the compute voucher at once, with no action from the entity
         await grant_automatic(request.app.state, id)
-    return EntityOut.of(update.entity)
+    return EntityOut.of(update.entity).model_copy(update={"sanctions": [SanctionOut.of(s) for s in decided]})
 
 
 @router.get(

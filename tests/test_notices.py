@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from app.settings import Settings
 from ledger.service import Ledger
 from tests.service_support import CURRENT_YEAR
 from tests.test_support import assert_problem, bearer, create_entity, create_key, running_app
+from vouchers import sanctions
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
 from vouchers.notices import issue_due_notices
@@ -236,3 +238,38 @@ async def test_objecting_to_an_application_not_in_notice_reveals_nothing(noticed
         for caller in (stranger, provider):
             assert_problem(await client.post(path, headers=caller, json={"reason": "x"}), 404, "not_found")
         assert_problem(await client.post(path, headers=admin, json={"reason": "x"}), 409, "conflict")
+
+
+async def test_an_award_in_notice_is_not_issued_to_an_entity_sanctioned_meanwhile(
+    noticed: tuple[Settings, AsyncEngine],
+) -> None:
+    """art. 25: no new award while a sanction is in force, even one approved before the decision."""
+    settings, engine = noticed
+    admin = bearer(await create_key(engine, Role.ADMIN))
+    async with running_app(settings) as client:
+        path = f"/v1/programs/data.trusted_space/budgets/{YEAR}"
+        assert (await client.put(path, headers=admin, json={"amount_fen": 1_000_000 * YUAN})).status_code == 200
+        waiting = await approve_one(client, engine, admin, "P-S")
+        lead = (await client.get(f"/v1/applications/{waiting['application']}", headers=admin)).json()
+        async with engine.begin() as conn:
+            sanction = await sanctions.impose(
+                conn,
+                entity_id=lead["applicant_entity_id"],
+                reason="false invoices on another award",
+                source_kind="application",
+                source_id=waiting["application"],
+                years=3,
+                actor=None,
+                now=datetime.now(UTC),
+            )
+        await end_notice(engine, waiting["application"])
+        assert await issue_due_notices(engine, Ledger(), client_catalog(client)) == 0
+        refused = (await client.get(f"/v1/applications/{waiting['application']}", headers=admin)).json()
+        assert (refused["status"], refused["payout_id"]) == ("rejected", None)
+        assert sanction.id in refused["decision_reason"]
+        budget = (await client.get(path, headers=admin)).json()
+        assert budget["available_fen"] == 1_000_000 * YUAN  # the hold was voided: nothing left the budget
+        # the project was not the misconduct: once the sanction is lifted it may support an award again
+        lifted = await client.post(f"/v1/sanctions/{sanction.id}/lift", headers=admin, json={"reason": "appeal"})
+        assert lifted.status_code == 200, lifted.text
+        assert (await approve_one(client, engine, admin, "P-S"))["status"] == "in_notice"

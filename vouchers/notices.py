@@ -4,7 +4,8 @@ period ends; an objection holds it until an administrator resolves it (POLICY.md
 Through the notice the award's budget is a hold on the ledger (budget -> the voucher's or payable account,
 pending), so that caps, budgets and yearly limits were settled at approval and nothing else can take the
 money. When the period ends with no open objection the hold is posted and the voucher or payout issued; an
-upheld objection voids the hold, releases the basis documents and rejects the application.
+upheld objection voids the hold, releases the basis documents and rejects the application, and so does a
+sanction imposed on the applicant during the notice (no new award while one is in force, art. 25).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -35,6 +36,7 @@ from vouchers.applications import (
 from vouchers.budgets import budget_account
 from vouchers.catalog import Catalog
 from vouchers.errors import VoucherError
+from vouchers.sanctions import EntitySanctioned, refuse_if_sanctioned
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +125,12 @@ async def resolve_objection(
     if application.status != "held":
         return await get_objection(conn, objection_id)  # the application was decided already
     if outcome == "upheld":
-        assert application.notice_hold_entry_id is not None
-        # a hold that already lapsed reserves nothing any more
-        with contextlib.suppress(PendingResolved, PendingExpired):
-            await ledger.void_pending(
-                conn,
-                key=f"objection:{application.id}",
-                pending_entry_id=application.notice_hold_entry_id,
-                memo=f"objection {objection_id} upheld",
-            )
-        await conn.execute(
-            text("UPDATE basis_claim SET released_at = now() WHERE application_id = :id AND released_at IS NULL"),
-            {"id": application.id},
-        )
-        await conn.execute(
-            text(
-                "UPDATE application SET status = 'rejected', award_fen = NULL, decision_reason = :r, "
-                "notice_ends_at = NULL, updated_at = now() WHERE id = :id"
-            ),
-            {"r": f"objection {objection_id} upheld during public notice: {note}", "id": application.id},
+        await _refuse_in_notice(
+            conn,
+            ledger,
+            application,
+            key=f"objection:{application.id}",
+            reason=f"objection {objection_id} upheld during public notice: {note}",
         )
         return await get_objection(conn, objection_id)
     still_open = await conn.scalar(
@@ -157,19 +146,48 @@ async def resolve_objection(
     return await get_objection(conn, objection_id)
 
 
+async def _refuse_in_notice(conn: AsyncConnection, ledger: Ledger, application: Any, *, key: str, reason: str) -> None:
+    """Reject an award still in notice: void its budget hold, free its basis documents, say why."""
+    assert application.notice_hold_entry_id is not None
+    # a hold that already lapsed reserves nothing any more
+    with contextlib.suppress(PendingResolved, PendingExpired):
+        await ledger.void_pending(conn, key=key, pending_entry_id=application.notice_hold_entry_id, memo=reason[:500])
+    await conn.execute(
+        text("UPDATE basis_claim SET released_at = now() WHERE application_id = :id AND released_at IS NULL"),
+        {"id": application.id},
+    )
+    await conn.execute(
+        text(
+            "UPDATE application SET status = 'rejected', award_fen = NULL, decision_reason = :r, "
+            "notice_ends_at = NULL, updated_at = now() WHERE id = :id"
+        ),
+        {"r": reason, "id": application.id},
+    )
+
+
 async def _now(conn: AsyncConnection) -> datetime:
     now: datetime = await conn.scalar(text("SELECT now()"))
     return now
 
 
-async def issue_from_notice(conn: AsyncConnection, ledger: Ledger, catalog: Catalog, *, application_id: str) -> Issued:
+async def issue_from_notice(
+    conn: AsyncConnection, ledger: Ledger, catalog: Catalog, *, application_id: str
+) -> Issued | None:
     """Issue an award whose notice ended without an open objection: post its hold (or, if the hold lapsed
-    while an objection was being resolved, draw from the budget anew)."""
+    while an objection was being resolved, draw from the budget anew). None when the applicant was
+    sanctioned meanwhile: the award is rejected, naming the sanction, and its hold voided."""
     application = await get(conn, application_id, for_update=True)
     if application.status != "in_notice":
         raise ApplicationNotPending(f"application {application_id} is {application.status}, not in notice")
     assert application.award_fen is not None and application.issue_id is not None
     assert application.notice_hold_entry_id is not None
+    try:
+        await refuse_if_sanctioned(conn, application.applicant_entity_id, now=await _now(conn))
+    except EntitySanctioned as sanctioned:
+        await _refuse_in_notice(
+            conn, ledger, application, key=f"sanctioned:{application_id}", reason=f"not issued: {sanctioned}"
+        )
+        return None
     program = catalog.version(application.program, application.definition_version)
     try:
         entry = await ledger.post_pending(
@@ -226,8 +244,8 @@ async def issue_due_notices(engine: AsyncEngine, ledger: Ledger, catalog: Catalo
     issued = 0
     for application_id in due:
         try:
-            await run_in_transaction(engine, functools.partial(_issue_one, ledger, catalog, application_id))
-            issued += 1
+            if await run_in_transaction(engine, functools.partial(_issue_one, ledger, catalog, application_id)):
+                issued += 1
         except ApplicationNotPending:
             pass  # an objection or another sweeper got there first
         except BudgetExhausted:
@@ -235,7 +253,7 @@ async def issue_due_notices(engine: AsyncEngine, ledger: Ledger, catalog: Catalo
     return issued
 
 
-async def _issue_one(ledger: Ledger, catalog: Catalog, application_id: str, conn: AsyncConnection) -> Issued:
+async def _issue_one(ledger: Ledger, catalog: Catalog, application_id: str, conn: AsyncConnection) -> Issued | None:
     return await issue_from_notice(conn, ledger, catalog, application_id=application_id)
 
 

@@ -14,7 +14,6 @@ from vouchers.rules import (
     exceeds,
     program_year,
     rate_award,
-    redemption_subsidy,
     reviewer_award,
     share_of,
     within_term,
@@ -134,20 +133,6 @@ def test_caps_say_what_they_apply_to() -> None:
         )
     ] == ["entity_year", "project", "dataset", "contract", "scenario", "filing"]
     assert cap_for(program("model.first_purchase"), uplift=True).cap_fen == 150_000_000
-
-
-@pytest.mark.parametrize(
-    ("rate_bp", "eligible_fen", "available_fen", "subsidy_fen"),
-    [
-        (10_000, 2_000_000, 100_000_000, 2_000_000),  # compute: eligible lines in full
-        (10_000, 2_000_000, 1_500_000, 1_500_000),  # partial: at most what is left
-        (3000, 33_333, 100_000, 9_999),  # pilot dataset: 30%, floored
-        (4500, 333, 100, 100),
-        (3000, 0, 100, 0),
-    ],
-)
-def test_redemption_subsidy(rate_bp: int, eligible_fen: int, available_fen: int, subsidy_fen: int) -> None:
-    assert redemption_subsidy(rate_bp, eligible_fen, available_fen) == subsidy_fen
 
 
 def test_threshold_is_strict() -> None:

@@ -143,10 +143,3 @@ def reviewer_award(
         min(requested_fen, room),
         f"set by reviewers; {cap.reason} {cap.cap_fen} fen per {cap.applies_to}",
     )
-
-
-def redemption_subsidy(rate_bp: int, eligible_fen: int, available_fen: int) -> int:
-    """What a voucher pays on an invoice: the redemption rate of the eligible lines, floored once, and
-    never more than the voucher still holds (partial redemption)."""
-    assert eligible_fen >= 0 and available_fen >= 0
-    return min(available_fen, share_of(eligible_fen, rate_bp))

@@ -13,16 +13,24 @@ import hashlib
 from collections.abc import AsyncIterator
 
 import asyncpg
+import jwt
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.apikeys import Role
 from app.db import make_engine
 from app.settings import Settings
 from ledger.service import Ledger
 from tests.conftest import _asyncpg_dsn
 from tests.ledger_support import open_accounts
+from tests.service_support import CURRENT_YEAR
+from tests.test_support import bearer, create_entity, create_key, running_app
+from vouchers.applications import new_id
+from vouchers.redemption import _REDEEM, payable_account
+from vouchers.vouchers import voucher_account
 
 GROWN = 2_000
+REDEMPTIONS_GROWN = 200
 # a read of the journal that grew with it would show thousands of rows; a keyed read shows one or two
 ROWS_READ_MAX = 20
 
@@ -91,3 +99,76 @@ async def test_a_posting_planned_on_an_empty_journal_reads_by_key_when_it_has_gr
     assert reads.get("ledger_account"), reads  # the posting's own reads were counted
     heavy = {table: rows for table, rows in reads.items() if rows > ROWS_READ_MAX}
     assert not heavy, f"reads that grew with the journal ({GROWN} entries): {heavy}; all: {reads}"
+
+
+async def test_a_redemption_planned_on_an_empty_table_reads_by_key_when_redemptions_have_grown(
+    never_analyzed: tuple[str, AsyncEngine],
+) -> None:
+    """The invoice check (one redemption per provider and invoice number) reads one row, not every
+    earlier redemption of the provider."""
+    url, engine = never_analyzed
+    settings = Settings(database_url=url, background_tasks=False, api_key_cache_ttl_s=0)
+    admin = bearer(await create_key(engine, Role.ADMIN))
+    holder, provider = await create_entity(engine), await create_entity(engine, kind="provider")
+    async with running_app(settings) as client:
+        budget = f"/v1/programs/compute.purchase/budgets/{CURRENT_YEAR}"
+        assert (await client.put(budget, headers=admin, json={"amount_fen": 100_000_000})).status_code == 200
+        submitted = await client.post(
+            "/v1/applications",
+            headers=admin,
+            json={
+                "program": "compute.purchase",
+                "applicant_entity_id": holder,
+                "year": CURRENT_YEAR,
+                "basis": {
+                    "purchases": [
+                        {
+                            "provider_entity_id": provider,
+                            "invoice_no": "B-1",
+                            "category": "compute",
+                            "amount_fen": 200_000_001,
+                            "purchased_on": f"{CURRENT_YEAR - 1}-05-01",
+                        }
+                    ]
+                },
+            },
+        )
+        approved = await client.post(f"/v1/applications/{submitted.json()['id']}/approve", headers=admin)
+        assert approved.status_code == 201, approved.text
+        voucher = approved.json()
+        token = (await client.post(f"/v1/vouchers/{voucher['id']}/token", headers=admin)).json()["token"]
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+
+    def redeem_args(invoice: str) -> tuple[object, ...]:
+        """`voucher_redeem`'s arguments as vouchers/redemption.py passes them, for a 1 fen redemption."""
+        digest = hashlib.sha256(invoice.encode()).digest()
+        return (
+            "key_plans", invoice, "POST /v1/redemptions", digest, jti, False, voucher["id"],
+            voucher_account(voucher["id"]), payable_account(provider), provider, invoice, False, None,
+            1, 1, 1, new_id("rdm_"), "[]", "[]", "plan test", "{}", "{}",
+        )  # fmt: skip
+
+    dsn, kwargs = _asyncpg_dsn(url)
+    planned, grower = await asyncpg.connect(dsn, **kwargs), await asyncpg.connect(dsn, **kwargs)
+    try:
+        assert (await planned.fetchrow(_REDEEM, *redeem_args("first")))["outcome"] == "created"
+        for i in range(REDEMPTIONS_GROWN):  # each its own transaction, as the service commits them
+            assert (await grower.fetchrow(_REDEEM, *redeem_args(f"grow-{i}")))["outcome"] == "created"
+        async with planned.transaction():  # the plans this connection made when there was no redemption
+            assert (await planned.fetchrow(_REDEEM, *redeem_args("second")))["outcome"] == "created"
+            again = redeem_args("grow-7")
+            again = (*again[:1], "another key", *again[2:])  # a new request for an invoice already redeemed
+            assert (await planned.fetchrow(_REDEEM, *again))["outcome"] == "invoice_redeemed"
+            reads = {
+                row["relname"]: row["read"]
+                for row in await planned.fetch(
+                    "SELECT relname, coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS read "
+                    "FROM pg_stat_xact_user_tables"
+                )
+            }
+    finally:
+        await planned.close()
+        await grower.close()
+    assert reads.get("voucher"), reads  # the redemptions' own reads were counted
+    heavy = {table: rows for table, rows in reads.items() if rows > ROWS_READ_MAX}
+    assert not heavy, f"reads that grew with the redemptions ({REDEMPTIONS_GROWN}): {heavy}; all: {reads}"

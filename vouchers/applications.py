@@ -238,8 +238,9 @@ async def _voucher_paid(conn: AsyncConnection, numbered: Sequence[tuple[str, str
         text(
             "SELECT r.provider_entity_id, r.invoice_no, "
             "       sum(CASE WHEN r.reversed_at IS NULL THEN r.subsidy_fen - r.refunded_fen ELSE 0 END) AS paid "
-            "FROM redemption r JOIN unnest(CAST(:providers AS text[]), CAST(:nos AS text[])) AS d(provider, no) "
-            "  ON r.provider_entity_id = d.provider AND r.invoice_no = d.no "
+            "FROM unnest(CAST(:providers AS text[]), CAST(:nos AS text[])) AS d(provider, no) "
+            "JOIN redemption_invoice ri ON ri.provider_entity_id = d.provider AND ri.invoice_no = d.no "
+            "JOIN redemption r ON r.id = ri.redemption_id "
             "GROUP BY r.provider_entity_id, r.invoice_no"
         ),
         {"providers": [c for c, _n in distinct], "nos": [n for _c, n in distinct]},

@@ -270,12 +270,14 @@ async def redeem(
             {"s": subsidy, "j": presented.jti},
         )
     total = sum(line.amount_fen for line in lines)
+    # the invoice's key decides a twin: no redemption row unless this one claimed the invoice
     inserted = await conn.scalar(
         text(
+            "WITH invoice AS (INSERT INTO redemption_invoice (provider_entity_id, invoice_no, redemption_id) "
+            "VALUES (:p, :n, :id) ON CONFLICT DO NOTHING RETURNING redemption_id) "
             "INSERT INTO redemption (id, voucher_id, provider_entity_id, jti, hold_id, invoice_no, lines, excluded, "
-            "eligible_fen, subsidy_fen, holder_pays_fen, entry_id) VALUES (:id, :v, :p, :j, :h, :n, "
-            "CAST(:lines AS jsonb), CAST(:excluded AS jsonb), :e, :s, :hp, :entry) "
-            "ON CONFLICT (provider_entity_id, invoice_no) DO NOTHING RETURNING id"
+            "eligible_fen, subsidy_fen, holder_pays_fen, entry_id) SELECT invoice.redemption_id, :v, :p, :j, :h, :n, "
+            "CAST(:lines AS jsonb), CAST(:excluded AS jsonb), :e, :s, :hp, :entry FROM invoice RETURNING id"
         ),
         {
             "id": redemption_id,
@@ -703,7 +705,7 @@ async def void_hold(
 
 REDEEMABLE_CACHE_SIZE_MAX = 100_000
 _ATTEMPTS_MAX = 3  # a stale affiliation graph or a concurrent twin invoice: look again, twice at most
-_INVOICE_ONCE = "redemption_invoice_once"
+_INVOICE_ONCE = "redemption_invoice_pkey"  # one redemption per provider and invoice number (migration 0019)
 # A twin request that commits first, while this one runs: with another key and the same invoice (the
 # invoice's unique index), or with the same key (the stored answer's primary key; voucher_redeem reads the
 # stored answer and takes the key's lock in one statement, migration 0013).

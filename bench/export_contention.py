@@ -228,7 +228,7 @@ async def main() -> int:
         service = Service(env, args.workers, data_dir / "service.log")
         await service.start()
         admin = await asyncio.to_thread(admin_key, env)
-        year = datetime.now(SHANGHAI).year + 1
+        year = datetime.now(SHANGHAI).year  # an award is approved only inside its own program year
         _provider, provider_key, _vouchers, tokens = await seed(service.base_url, admin, VOUCHERS, year)
         auditors = [await asyncio.to_thread(auditor_key, env) for _ in range(args.keys)]
         engine = make_engine(db_url, Settings(database_url=db_url))

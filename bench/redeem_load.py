@@ -5,6 +5,12 @@ TPC-B transaction on the same server in the same run; the ratio of the two is th
 0.30 with no errors, and the hot voucher at no less than a third of the uniform rate).
 
     .venv/bin/python bench/redeem_load.py [--seconds 15] [--vouchers 1000] [--clients 32] [--no-pgbench]
+    .venv/bin/python bench/redeem_load.py --soak 300 [--segment 30]      # issue 14: as an operator runs it
+
+`--soak SECONDS` measures what an operator gets from a fresh deploy: no ANALYZE, no restart, no warm-up
+after seeding (steps 4 and 5's ANALYZEs are skipped), then redemptions for SECONDS over the first 40
+vouchers and then for SECONDS over all of them, each printed per `--segment` seconds, then pgbench. Its
+figures: the slowest segment against TPC-B, and the last segment of each case against its first.
 
 Needs wrk (Debian: `apt-get install wrk`). What it does, all on loopback, in a temp folder it removes:
 1. starts the embedded PostgreSQL in the temp folder and migrates it (as bench/ledger.py does), and says
@@ -505,6 +511,76 @@ async def analyze(db_url: str) -> None:
         await engine.dispose()
 
 
+async def soak(
+    args: argparse.Namespace,
+    service: Service,
+    server: Any,
+    db_url: str,
+    data_dir: Path,
+    provider: str,
+    provider_key: str,
+    tokens: list[str],
+) -> bool:
+    """The fresh deploy as it is: segments of `--segment` seconds, back to back, for `--soak` seconds per case;
+    whether the books check."""
+    postmaster = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+
+    def probe() -> tuple[float, float, float]:
+        assert service.process is not None
+        return cpu_seconds(service.process.pid, postmaster)
+
+    print(
+        f"{'case':<14} {'from s':>6} {'201s':>8} {'redemptions/s':>14} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'service':>8} {'PG':>6} {'other':>6} {'cores':>6}  errors by status"
+    )
+    rates: dict[str, list[float]] = {}
+    redeemed = 0
+    errors = 0
+    for label, pool in ((f"{min(40, len(tokens))} vouchers", tokens[:40]), (f"{len(tokens)} vouchers", tokens)):
+        began = time.perf_counter()
+        rates[label] = []
+        while time.perf_counter() - began < args.soak - 1:
+            at = time.perf_counter() - began
+            r = await asyncio.to_thread(
+                drive, service.base_url, provider_key, pool, args.clients, args.segment, "soak", data_dir, probe
+            )
+            rates[label].append(r["rps"])
+            redeemed += r["ok"]
+            errors += sum(r["errors"].values())
+            errors_text = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+            print(
+                f"{label:<14} {at:>6.0f} {r['ok']:>8} {r['rps']:>14.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                f"{r['service_ms']:>8.1f} {r['database_ms']:>6.1f} {r['other_ms']:>6.1f} {r['cores_busy']:>6.2f}  "
+                f"{errors_text}",
+                flush=True,
+            )
+    service.stop()
+    entries = await count_entries(db_url)
+    ok = await check_books(db_url, provider, redeemed, args.clients * sum(len(r) for r in rates.values()))
+    print(f"journal: {entries} entries at the end; errors: {errors}")
+    for label, segments in rates.items():
+        print(
+            f"{label}: first {segments[0]:.0f}/s, slowest {min(segments):.0f}/s, last {segments[-1]:.0f}/s "
+            f"(last/first {segments[-1] / segments[0]:.2f})"
+        )
+    if not args.no_pgbench:
+        tps = await asyncio.to_thread(pgbench, server, data_dir, 30)
+        if tps:
+            print(f"pgbench TPC-B (prepared, 32 clients, scale 32, same server, after the soak): {tps:.0f} tps")
+            for label, segments in rates.items():
+                print(f"  {label}: slowest segment / TPC-B = {min(segments) / tps:.2f}")
+    return ok and errors == 0
+
+
+async def count_entries(db_url: str) -> int:
+    engine = make_engine(db_url, Settings(database_url=db_url))
+    try:
+        async with engine.connect() as conn:
+            return int(await conn.scalar(text("SELECT count(*) FROM ledger_entry")) or 0)
+    finally:
+        await engine.dispose()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -512,6 +588,8 @@ async def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="`serve --workers`")
     parser.add_argument("--no-pgbench", action="store_true")
+    parser.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="each case's length, per segment")
+    parser.add_argument("--segment", type=float, default=30.0, metavar="SECONDS")
     parser.add_argument(
         "--py-spy",
         metavar="PATH",
@@ -538,10 +616,13 @@ async def main() -> int:
         service = Service(env, args.workers, data_dir / "service.log")
         await service.start()
         admin = await asyncio.to_thread(admin_key, env)
-        year = datetime.now(SHANGHAI).year + 1
+        year = datetime.now(SHANGHAI).year  # an award is approved only inside its own program year
         began = time.perf_counter()
         provider, provider_key, vouchers, tokens = await seed(service.base_url, admin, args.vouchers, year)
         print(f"seeded {len(vouchers)} vouchers of {year} through the API in {time.perf_counter() - began:.1f}s")
+        if args.soak:
+            ok = await soak(args, service, server, db_url, data_dir, provider, provider_key, tokens)
+            return 0 if ok else 1
         await analyze(db_url)
         service.stop()
         await service.start()  # fresh pools: plans made on the analyzed tables

@@ -531,6 +531,7 @@ class Attempt:
     retry_after: str | None = None
     content_type: str = ""
     seconds: float = 0.0
+    answered_at: float = 0.0  # time.monotonic() when the answer (or the failure) came
 
 
 class Load:
@@ -585,10 +586,12 @@ class Load:
                 try:
                     response = await client.post("/v1/redemptions", json=attempt.body, headers={"Idempotency-Key": key})
                 except httpx.TransportError:
-                    attempt.seconds = time.monotonic() - started
+                    attempt.answered_at = time.monotonic()
+                    attempt.seconds = attempt.answered_at - started
                     await self._notify()
                     return
-                attempt.seconds = time.monotonic() - started
+                attempt.answered_at = time.monotonic()
+                attempt.seconds = attempt.answered_at - started
                 attempt.status = response.status_code
                 try:
                     attempt.answer = response.json()

@@ -364,6 +364,7 @@ async def test_losing_the_database_answers_503_and_the_service_recovers_by_itsel
 
             # (c) the database back: the same processes recover by themselves
             load.phase = "restarting"
+            restarting_at = time.monotonic()
             await asyncio.to_thread(pg.start)
             load.phase = "back"
             back_at = time.monotonic()
@@ -383,7 +384,11 @@ async def test_losing_the_database_answers_503_and_the_service_recovers_by_itsel
             for phase in ("steady", "terminated", "stopping", "down", "restarting", "back")
         }
         assert all(a.status in (201, 503) for a in attempts), by_phase  # never a 500, never unanswered
-        assert by_phase["down"] == [503], by_phase
+        # Sent while the database was down and answered before it was started again: 503, every one. (One
+        # still in flight when the restart began may be redeemed: on a loaded machine it can be.)
+        down = [a for a in attempts if a.phase == "down"]
+        answered_down = sorted({a.status or 0 for a in down if a.answered_at < restarting_at})
+        assert answered_down == [503], [(a.status, round(a.seconds, 2)) for a in down]
         for attempt in (a for a in attempts if a.status == 503):
             assert attempt.content_type.startswith("application/problem+json"), attempt
             assert attempt.answer is not None and attempt.answer["code"] == "service_unavailable", attempt

@@ -11,7 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.requests import HTTPConnection
 
 from app.apikeys import ApiKeyAuthenticator, Caller, Role
 from app.errors import Forbidden, Unauthorized
@@ -26,6 +28,7 @@ __all__ = [
     "SessionDep",
     "SettingsDep",
     "UnrestrictedAdminCaller",
+    "bearer_credentials",
     "current_caller",
     "get_session",
     "require_roles",
@@ -53,7 +56,26 @@ def app_settings(request: Request) -> Settings:
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 
-_bearer = HTTPBearer(
+
+def bearer_credentials(authorization: str | None) -> str | None:
+    """The credentials of an `Authorization: Bearer <credentials>` header as FastAPI's HTTPBearer reads them
+    (the scheme in any case, the credentials stripped), else None: the one reading, for every route and for
+    the redemption fast path (app/fastpath.py)."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not credentials or scheme.lower() != "bearer":
+        return None
+    return credentials
+
+
+class _ApiKeyBearer(HTTPBearer):
+    """HTTPBearer's security scheme in the OpenAPI document; the header read by `bearer_credentials`."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
+        credentials = bearer_credentials(request.headers.get("Authorization"))
+        return None if credentials is None else HTTPAuthorizationCredentials(scheme="Bearer", credentials=credentials)
+
+
+_bearer = _ApiKeyBearer(
     auto_error=False,
     scheme_name="ApiKey",
     bearerFormat="vl_<prefix>_<secret>",

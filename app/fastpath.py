@@ -24,10 +24,17 @@ app gives its canonical answer (401, 403, 413, 422, ...) and charges the rate li
 
 Once it answers, it does what the route's dependencies and handlers do: takes one token from the key's
 `redemption` bucket (the app's own limiter: 429 with `Retry-After`), calls `redemption_answer` (the route's
-whole work), sends its bytes with the headers a Starlette `Response` has (content-length, content-type),
-turns an exception into the answer the app's handlers give (`route_error_response`: the same problem
-documents, 503 for a lost database), and counts the request in the HTTP metrics under the route's template.
-uvicorn's access log sees it as any other request.
+whole work), sends it as the route's own Starlette `Response`, turns an exception into the answer the app's
+handlers give (`route_error_response`: the same problem documents, 503 for a lost database), and counts the
+request in the HTTP metrics under the route's template. uvicorn's access log sees it as any other request.
+
+Every check is the route's own code: `bearer_credentials` (every route's reading of the key),
+`IdempotencyKeyHeader`'s `KEY_LENGTH_MAX`, the app's body limit, `nesting_exceeds`, `RedemptionIn`. One
+cannot be: FastAPI decides whether a body is JSON by a content-type test written inline in its routing, so
+`is_json_type` restates it and tests/test_fastpath.py holds the two to the same answers.
+
+Why it is kept (issue 14): bench/fastpath.py, on and off in alternating rounds of one run, puts the route's
+machinery at about a third of a worker's CPU per redemption (see README, "Performance").
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ from typing import ClassVar
 
 from pydantic import ValidationError
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.apikeys import Role
+from app.dependencies import bearer_credentials
 from app.errors import Unauthorized, route_error_response
 from app.idempotency import KEY_LENGTH_MAX
 from app.json_depth import nesting_exceeds
@@ -49,7 +58,7 @@ from app.metrics import observe_request
 from app.ratelimit import app_limiter
 from app.routers.redemptions import RedemptionIn, redemption_answer
 
-__all__ = ["PATH", "RedemptionFastPath", "is_json_type", "response_headers"]
+__all__ = ["PATH", "RedemptionFastPath", "is_json_type"]
 
 PATH = "/v1/redemptions"
 _WHERE = f"POST {PATH}"
@@ -71,17 +80,6 @@ def is_json_type(value: bytes) -> bool:
     if len(_JSON_TYPES) < _JSON_TYPES_MAX:
         _JSON_TYPES[value] = json_type
     return json_type
-
-
-def response_headers(status: int, media_type: str, length: int) -> list[tuple[bytes, bytes]]:
-    """The headers `starlette.responses.Response(body, status, media_type=media_type)` sends."""
-    headers = []
-    if not (status < 200 or status in (204, 304)):
-        headers.append((b"content-length", str(length).encode("latin-1")))
-    if media_type.startswith("text/") and "charset=" not in media_type.lower():
-        media_type += "; charset=utf-8"
-    headers.append((b"content-type", media_type.encode("latin-1")))
-    return headers
 
 
 class RedemptionFastPath:
@@ -135,14 +133,7 @@ class RedemptionFastPath:
                 status = response.status_code
                 await response(scope, receive, send)
                 return
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": response_headers(status, media_type, len(content)),
-                }
-            )
-            await send({"type": "http.response.body", "body": content})
+            await Response(content, status_code=status, media_type=media_type)(scope, receive, send)
         finally:
             observe_request("POST", PATH, status, started_at)
 
@@ -172,10 +163,8 @@ class RedemptionFastPath:
             return None
         if content_length is not None and not (content_length.isdigit() and int(content_length) <= self.max_body_size):
             return None
-        # as FastAPI's HTTPBearer reads it
-        scheme, _, credentials = authorization.decode("latin-1").partition(" ")
-        credentials = credentials.strip()
-        if scheme.lower() != "bearer" or not credentials:
+        credentials = bearer_credentials(authorization.decode("latin-1"))
+        if credentials is None:
             return None
         return credentials, key.decode("latin-1")
 

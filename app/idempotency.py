@@ -46,6 +46,7 @@ __all__ = [
     "WAIT_S",
     "IdempotencyKeyHeader",
     "IdempotencyKeyReused",
+    "OptionalIdempotencyKeyHeader",
     "RequestInProgress",
     "Stored",
     "remember",
@@ -71,6 +72,12 @@ IdempotencyKeyHeader = Annotated[
         max_length=KEY_LENGTH_MAX,
         description="required: a retry with the same key and body gets the first answer, nothing is done twice",
     ),
+]
+
+# where a key is optional (a command that is safe to repeat without one): the same header when it is sent
+OptionalIdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=KEY_LENGTH_MAX),
 ]
 
 

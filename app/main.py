@@ -182,7 +182,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # added after the error middleware, so outside it: it also counts the 500s that middleware answers
     app.add_middleware(MetricsMiddleware)
     # added last, so outermost: POST /v1/redemptions answered without FastAPI's machinery (it counts its own)
-    app.add_middleware(RedemptionFastPath, max_body_size=BODY_SIZE_MAX)
+    if settings.redemption_fast_path:
+        app.add_middleware(RedemptionFastPath, max_body_size=BODY_SIZE_MAX)
     app.include_router(health.router)
     app.include_router(metrics.router)
     # the busiest routes first: each request is matched against the routers in this order

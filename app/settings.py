@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     redeem_queue_max: int = Field(
         default=256, ge=1, le=100_000, description="redemptions waiting for a batch per worker before 503"
     )
+    # POST /v1/redemptions answered by a lean ASGI layer (app/fastpath.py) rather than FastAPI's routing and
+    # dependencies; off, every request takes the route (bench/fastpath.py measures one against the other)
+    redemption_fast_path: bool = Field(
+        default=True, description="answer redemptions from cached provider keys without FastAPI's machinery"
+    )
 
     @field_validator("rate_limits", mode="after")
     @classmethod

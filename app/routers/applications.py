@@ -10,12 +10,13 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, status
+from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import Field, StringConstraints
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from app import idempotency
 from app.apikeys import Caller, Role
 from app.commands import run_command
 from app.dependencies import AdminOrAuditorCaller, CallerDep, SessionDep, UnrestrictedAdminCaller, require_roles
@@ -268,7 +269,7 @@ async def approve(
     session: SessionDep,
     caller: Admin,
     body: ApproveIn | None = None,
-    key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+    key: idempotency.OptionalIdempotencyKeyHeader = None,
 ) -> JSONResponse:
     """With an `Idempotency-Key` a retry gets the first answer (the same voucher, or the same refusal)."""
 

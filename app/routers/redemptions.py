@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, status
+from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, StringConstraints
 from sqlalchemy import text
@@ -39,10 +39,7 @@ router = APIRouter(tags=["redemptions"], responses=problem_responses(401, 403, 4
 Provider = Annotated[Caller, Depends(require_roles(Role.PROVIDER))]
 Admin = Annotated[Caller, Depends(require_roles(Role.ADMIN))]
 Reader = Annotated[Caller, Depends(require_roles(Role.PROVIDER, Role.ENTERPRISE, Role.ADMIN, Role.AUDITOR))]
-IdempotencyKey = Annotated[
-    str,
-    Header(alias="Idempotency-Key", min_length=1, max_length=255, description="required: retries are safe"),
-]
+IdempotencyKey = idempotency.IdempotencyKeyHeader
 RedemptionId = Annotated[str, Path(pattern=r"^rdm_[a-z0-9]{24}$")]
 HoldId = Annotated[str, Path(pattern=r"^hld_[a-z0-9]{24}$")]
 _CURSOR: Cursor[tuple[datetime, str]] = Cursor(tuple[datetime, str])
@@ -324,7 +321,7 @@ async def reverse(
     body: ReverseIn,
     session: SessionDep,
     caller: Admin,
-    key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+    key: idempotency.OptionalIdempotencyKeyHeader = None,
 ) -> JSONResponse:
     async def command(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
         current = await service.get_redemption(conn, redemption_id)

@@ -6,13 +6,14 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from alembic import command
+from alembic import command, op
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.util import await_only
 
 ROOT = Path(__file__).resolve().parent.parent
+SQL_COPIES = ROOT / "migrations" / "sql"
 
 
 def alembic_config(url: str) -> Config:
@@ -30,6 +31,13 @@ def execute_script(bind: Connection, sql: str) -> None:
     command; PL/pgSQL bodies make splitting on ';' wrong)."""
     driver_connection: Any = bind.connection.dbapi_connection.driver_connection  # type: ignore[union-attr]
     await_only(driver_connection.execute(sql))
+
+
+def apply_sql(revision: str, *names: str) -> None:
+    """Run the dated copies `migrations/sql/<revision>/<name>.sql`, in order, in the running migration: the
+    text that revision fixed, never the source file beside the code, which moves on (migrations/sql/README.md)."""
+    for name in names:
+        execute_script(op.get_bind(), (SQL_COPIES / revision / f"{name}.sql").read_text(encoding="utf-8"))
 
 
 def function_of(migration: Path, name: str) -> str:

@@ -2,6 +2,8 @@
 
 Every write is one round trip to `ledger_post` (see the migration): it locks the limited accounts in id
 order, answers idempotent replays, checks limits, and writes the entry, its postings and the cached totals.
+`transfer_many` calls it once per transfer of a batch in a single statement, so a batch import pays one
+round trip, not one per entry, and still meets every check a single transfer does.
 Nothing here commits: the caller owns the transaction (`run_in_transaction` retries it whole on a
 serialization failure or a deadlock). A `Refusal` is recorded in that transaction and must be committed.
 
@@ -19,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import asyncpg
 from sqlalchemy import text
@@ -87,6 +89,15 @@ class Entry:
     prev_hash: bytes | None = None
     hash: bytes | None = None
     replayed: bool = False
+
+
+class Transfer(NamedTuple):
+    """One transfer of a batch (`Ledger.transfer_many`): what `Ledger.transfer` takes."""
+
+    key: str
+    postings: Sequence[Posting]
+    memo: str = ""
+    metadata: Metadata | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +224,19 @@ _POST = """
       FROM ledger_post($1, $2, $3, $4, $5,
                        CASE WHEN $6::integer IS NULL THEN NULL ELSE now() + make_interval(secs => $6::integer) END,
                        $7, $8::jsonb, $9, $10, $11, $12)
+"""
+
+# A batch of transfers as one statement: `ledger_post` for each, in the caller's order, each call seeing what
+# the ones before it wrote (the same key twice is answered as if sent one after the other). The postings
+# come as flat arrays; entry i's are the slice [lo_i, hi_i].
+_POST_MANY = """
+    SELECT r.outcome, r.entry_id, r.created_at, r.code, r.detail
+      FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::integer[], $6::integer[])
+           WITH ORDINALITY AS t(key, request_hash, memo, metadata, lo, hi, ord)
+     CROSS JOIN LATERAL ledger_post(t.key, t.request_hash, 'transfer', NULL, NULL, NULL, t.memo, t.metadata::jsonb,
+                                    ($7::bigint[])[t.lo:t.hi], ($8::text[])[t.lo:t.hi], ($9::text[])[t.lo:t.hi],
+                                    ($10::bigint[])[t.lo:t.hi]) r
+     ORDER BY t.ord
 """
 
 _ENTRY_COLUMNS = """
@@ -479,6 +503,86 @@ class Ledger:
         return await self._post(
             conn, key=key, kind="transfer", postings=postings, memo=memo, metadata=metadata or {}, fields={}
         )
+
+    async def transfer_many(self, conn: AsyncConnection, transfers: Sequence[Transfer]) -> list[Entry | Refusal]:
+        """Post a batch of balanced entries in one round trip, as `transfer` would one after the other in
+        the caller's transaction; one outcome per transfer, in order.
+
+        Each transfer is checked as `transfer` checks it: one that is malformed or names an unknown account
+        fails the whole batch with the error `transfer` raises, before anything is sent. A refusal (a limit)
+        is an outcome, as there: recorded under its key and answered in the transfer's place, not raised, so
+        the batch's other entries stand. A replayed key answers the entry first recorded, marked `replayed`.
+        Limited accounts stay locked until the caller's transaction ends, each entry locking its own in id
+        order: a batch that locks many may deadlock a concurrent writer, which `run_in_transaction` retries."""
+        if not transfers:
+            return []
+        for t in transfers:
+            check_key(t.key)
+            if any(p.phase != "posted" for p in t.postings):
+                raise InvalidEntry("a transfer's postings are all in the posted phase")
+            check_postings(t.postings)
+            check_memo_and_metadata(t.memo, t.metadata or {})
+        accounts = await self.accounts(conn, (p.account for t in transfers for p in t.postings))
+        keys: list[str] = []
+        fingerprints: list[bytes] = []
+        memos: list[str] = []
+        metadata: list[str] = []
+        los: list[int] = []
+        his: list[int] = []
+        for t in transfers:
+            if len({accounts[p.account].currency for p in t.postings}) != 1:
+                raise InvalidEntry("an entry cannot mix currencies")
+            meta = dict(t.metadata or {})
+            keys.append(t.key)
+            fingerprints.append(request_hash("transfer", {"memo": t.memo, "metadata": meta}, t.postings))
+            memos.append(t.memo)
+            metadata.append(json.dumps(meta, sort_keys=True))
+            los.append(his[-1] + 1 if his else 1)
+            his.append(los[-1] + len(t.postings) - 1)
+        postings = [p for t in transfers for p in t.postings]
+        try:
+            rows = await driver.fetch(
+                conn,
+                _POST_MANY,
+                keys,
+                fingerprints,
+                memos,
+                metadata,
+                los,
+                his,
+                [accounts[p.account].id for p in postings],
+                [p.direction for p in postings],
+                [p.phase for p in postings],
+                [p.amount_fen for p in postings],
+            )
+        except (DBAPIError, asyncpg.PostgresError) as exc:
+            if sqlstate(exc) == "VL404":
+                # ids cached from a creation that was rolled back: forget them, the caller may retry
+                for posting in postings:
+                    self._by_code.pop(posting.account, None)
+            _raise_mapped(exc)
+            raise
+        replayed = await self._entries_by_id(conn, [row["entry_id"] for row in rows if row["outcome"] == "existing"])
+        outcomes: list[Entry | Refusal] = []
+        for t, row in zip(transfers, rows, strict=True):
+            if row["outcome"] == "refused":
+                outcomes.append(REFUSALS.get(row["code"], Refusal)(row["detail"]))
+            elif row["outcome"] == "existing":
+                entry = replayed[row["entry_id"]]
+                outcomes.append(Entry(**{**{f: getattr(entry, f) for f in Entry.__slots__}, "replayed": True}))
+            else:
+                outcomes.append(
+                    Entry(
+                        id=row["entry_id"],
+                        kind="transfer",
+                        idempotency_key=t.key,
+                        created_at=row["created_at"],
+                        postings=tuple(t.postings),
+                        memo=t.memo,
+                        metadata=dict(t.metadata or {}),
+                    )
+                )
+        return outcomes
 
     async def hold(
         self,
@@ -752,6 +856,18 @@ class Ledger:
             raise EntryNotFound(f"no ledger entry {entry_id}")
         return _entry_from_row(row)
 
+    async def _entries_by_id(self, conn: AsyncConnection, ids: Sequence[int]) -> dict[int, Entry]:
+        if not ids:
+            return {}
+        rows = await conn.execute(
+            text(
+                f"SELECT {_ENTRY_COLUMNS} FROM ledger_entry e "
+                "LEFT JOIN ledger_seal s ON s.entry_id = e.id WHERE e.id = ANY(:ids)"
+            ),
+            {"ids": list(ids)},
+        )
+        return {row.id: _entry_from_row(row) for row in rows}
+
     async def entries(
         self,
         conn: AsyncConnection,
@@ -889,6 +1005,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "Limit",
+    "Transfer",
     "TrialBalance",
     "run_in_transaction",
     "run_statement",

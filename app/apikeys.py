@@ -33,17 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.errors import NotFound, Unauthorized, ValidationFailed
+from app.roles import Role
 from app.schemas import RequestModel
 from vouchers.entities import Entity, EntityKind
 
 log = logging.getLogger(__name__)
-
-
-class Role(StrEnum):
-    ADMIN = "admin"
-    ENTERPRISE = "enterprise"
-    PROVIDER = "provider"
-    AUDITOR = "auditor"
 
 
 # Roles that act for one entity, and so must name it.

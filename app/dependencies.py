@@ -15,8 +15,9 @@ from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
-from app.apikeys import ApiKeyAuthenticator, Caller, Role
+from app.apikeys import ApiKeyAuthenticator, Caller
 from app.errors import Forbidden, Unauthorized
+from app.roles import Role
 from app.settings import Settings
 
 __all__ = [

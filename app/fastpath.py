@@ -49,13 +49,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.apikeys import Role
 from app.dependencies import bearer_credentials
 from app.errors import Unauthorized, route_error_response
 from app.idempotency import KEY_LENGTH_MAX
 from app.json_depth import nesting_exceeds
 from app.metrics import observe_request
 from app.ratelimit import app_limiter
+from app.roles import Role
 from app.routers.redemptions import RedemptionIn, redemption_answer
 
 __all__ = ["PATH", "RedemptionFastPath", "is_json_type"]

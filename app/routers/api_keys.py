@@ -12,7 +12,6 @@ from app.apikeys import (
     ApiKey,
     ApiKeyAuthenticator,
     ApiKeyCreate,
-    Role,
     VoucherType,
     create_api_key,
     list_api_keys,
@@ -21,6 +20,7 @@ from app.apikeys import (
 from app.dependencies import SessionDep, UnrestrictedAdminCaller
 from app.errors import problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
+from app.roles import Role
 from app.schemas import ResponseModel
 
 router = APIRouter(prefix="/api-keys", tags=["api keys"], responses=problem_responses(401, 403, 422))

@@ -17,12 +17,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app import idempotency
-from app.apikeys import Caller, Role
+from app.apikeys import Caller
 from app.commands import run_command
 from app.dependencies import AdminOrAuditorCaller, CallerDep, SessionDep, UnrestrictedAdminCaller, require_roles
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import affiliation_checker
+from app.roles import Role
 from app.schemas import Fen, PositiveFen, RequestModel, ResponseModel
 from vouchers import applications as service
 from vouchers import external_awards, notices

@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Path, Query, Request, status
 from pydantic import AfterValidator, Field, SecretStr, StrictBool, StrictStr, field_validator, model_validator
 
-from app.apikeys import Caller, Role, live_keys_unfit_for
+from app.apikeys import Caller, live_keys_unfit_for
 from app.dependencies import AdminOrAuditorCaller, CallerDep, SessionDep, UnrestrictedAdminCaller
 from app.errors import ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import grant_automatic
+from app.roles import Role
 from app.routers.sanctions import SanctionOut
 from app.schemas import RequestModel, ResponseModel
 from vouchers import entities as service

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import idempotency
-from app.apikeys import Caller, Role
+from app.apikeys import Caller
 from app.commands import run_idempotent
 from app.db import invalidate_if_lost
 from app.dependencies import SessionDep, require_roles
@@ -27,6 +27,7 @@ from app.errors import PROBLEM_MEDIA_TYPE, Forbidden, domain_problem, problem_re
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import affiliation_checker, thresholds_of
 from app.ratelimit import RedemptionRate
+from app.roles import Role
 from app.schemas import PositiveFen, RequestModel, ResponseModel
 from vouchers import redemption as service
 from vouchers.programs import Category

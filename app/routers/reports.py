@@ -17,10 +17,10 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import Field
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.apikeys import Role
 from app.dependencies import AdminOrAuditorCaller, CallerDep
 from app.errors import problem_responses
 from app.pagination import Cursor, PageDep, split_page
+from app.roles import Role
 from app.routers.sanctions import SanctionOut
 from app.schemas import ResponseModel
 from ledger.service import Ledger

@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, StrictInt
 
 from app import idempotency
-from app.apikeys import Caller, Role
+from app.apikeys import Caller
 from app.dependencies import SessionDep, UnrestrictedAdminCaller, require_roles
 from app.errors import domain_problem, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
+from app.roles import Role
 from app.schemas import RequestModel, ResponseModel
 from ledger.service import Ledger
 from vouchers import settlements as service

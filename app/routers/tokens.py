@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.apikeys import Caller, Role
+from app.apikeys import Caller
 from app.dependencies import SessionDep, require_roles
 from app.errors import Forbidden, problem_responses
+from app.roles import Role
 from app.schemas import PositiveFen, RequestModel, ResponseModel, Rfc3339Time
 from ledger.service import Ledger
 from vouchers import tokens as service

@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.apikeys import Caller, Role
+from app.apikeys import Caller
 from app.commands import run_command
 from app.dependencies import CallerDep, SessionDep, require_roles
 from app.errors import Forbidden, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
+from app.roles import Role
 from app.schemas import RequestModel, ResponseModel
 from ledger.service import Ledger
 from vouchers import vouchers as service

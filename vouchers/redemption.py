@@ -697,8 +697,8 @@ async def void_hold(
 # -- a redemption in one round trip ----------------------------------------------------------------------
 #
 # `redeem` above takes about a dozen statements; `POST /v1/redemptions` instead asks the database once,
-# through `voucher_redeem` (migration 0011), which checks and writes in the same order under the same
-# locks. What needs no database is decided here first, from what cannot change while a token lives: its
+# through `voucher_redeem` (vouchers/sql/voucher_redeem.sql), which checks and writes in the same order
+# under the same locks. What needs no database is decided here first, from what cannot change while a token lives: its
 # verified claims and its voucher's terms (program, year, holder, named vendor, rate). Whatever can change
 # (the token's revocation, the voucher's status and balance, the token's spending, the affiliation
 # registry, the invoice) the function reads under its locks.
@@ -708,7 +708,7 @@ _ATTEMPTS_MAX = 3  # a stale affiliation graph or a concurrent twin invoice: loo
 _INVOICE_ONCE = "redemption_invoice_pkey"  # one redemption per provider and invoice number (migration 0019)
 # A twin request that commits first, while this one runs: with another key and the same invoice (the
 # invoice's unique index), or with the same key (the stored answer's primary key; voucher_redeem reads the
-# stored answer and takes the key's lock in one statement, migration 0013).
+# stored answer and takes the key's lock in one statement).
 _TWIN_COMMITTED_FIRST = frozenset({_INVOICE_ONCE, "idempotency_record_pkey"})
 _UNIQUE_VIOLATION = "23505"
 

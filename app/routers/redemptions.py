@@ -142,7 +142,7 @@ def _lines(lines: list[LineIn]) -> list[Line]:
 )
 async def redeem(request: Request, body: RedemptionIn, caller: Provider, key: IdempotencyKey) -> Response:
     """One database round trip when the token and the affiliation graph are cached (`voucher_redeem`,
-    migration 0011): the answer, created or stored, comes back as the JSON the database stored."""
+    vouchers/sql/voucher_redeem.sql): the answer, created or stored, comes back as the JSON the database stored."""
     status_code, media_type, content = await redemption_answer(request.app.state, caller, key, body)
     return Response(content, status_code=status_code, media_type=media_type)
 

@@ -1,17 +1,18 @@
 """The affiliation rule (POLICY.md, arts. 8, 9), pure: table-driven cases, a brute-force oracle on random
-graphs, and every path checked relation by relation."""
+graphs, every path checked relation by relation, and graphs brought forward by changes compared with graphs
+built afresh."""
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import date, timedelta
 from decimal import Decimal
 
 import pytest
 
-from vouchers.affiliation_graph import Affiliation, AffiliationGraph, Relation, Thresholds
+from vouchers.affiliation_graph import Affiliation, AffiliationGraph, Relation, RelationTable, Thresholds
 
 DEFAULT = Thresholds(control_pct=Decimal("50"), influence_pct=Decimal("20"))
 DAY = date(2026, 6, 1)
@@ -356,3 +357,73 @@ def test_agrees_with_the_definition(seed: int) -> None:
             answer = graph.check(a, b, on)
             assert answer.affiliated is expected, (a, b, on, relations)
             assert_path_proves(answer, a, b, on, relations, thresholds)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Changes applied to a graph: it answers exactly as one built afresh
+
+
+def _row(r: Relation) -> tuple[str, str, str, str, int | None, int, int | None]:
+    pct = None if r.equity_pct is None else int(r.equity_pct * 100)
+    valid_to = None if r.valid_to is None else r.valid_to.toordinal()
+    return r.id, r.from_entity_id, r.to_entity_id, r.kind, pct, r.valid_from.toordinal(), valid_to
+
+
+def _built(relations: dict[str, Relation], thresholds: Thresholds) -> AffiliationGraph:
+    """The graph as the service loads it: ordered by id."""
+    return AffiliationGraph(RelationTable.of(sorted(relations.values(), key=lambda r: r.id)), thresholds)
+
+
+def _applied(graph: AffiliationGraph, changes: list[Relation]) -> None:
+    graph.apply(graph.table.apply(_row(r) for r in changes))
+
+
+def _changes(rng: random.Random, relations: dict[str, Relation], names: list[str]) -> list[Relation]:
+    """A few relations recorded (some with an end, some not started yet) and open ones ended, as the service
+    reads them: each changed relation once, in its latest state. Ids are random, so a new relation lands
+    anywhere in id order."""
+    changed: dict[str, Relation] = {}
+    for _ in range(rng.randrange(1, 4)):
+        frm, to = rng.sample(names, 2)
+        what = rng.choice(["control", "personnel", "60", "50", "20", "19.99", "35"])
+        start = date(2025, 1, 1) + timedelta(days=rng.randrange(0, 40))
+        end = None if rng.random() < 0.7 else start + timedelta(days=rng.randrange(0, 20))
+        id = f"r{rng.getrandbits(40):010x}"
+        changed[id] = Relation(id, *astuple(rel(frm, to, what, start, end))[1:])
+    open_ = [r for r in [*relations.values(), *changed.values()] if r.valid_to is None]
+    for r in rng.sample(open_, min(len(open_), rng.randrange(0, 3))):
+        changed[r.id] = Relation(*astuple(r)[:6], r.valid_from + timedelta(days=rng.randrange(0, 30)))
+    return list(changed.values())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_graph_with_changes_applied_answers_as_one_built_afresh(seed: int) -> None:
+    rng = random.Random(seed)
+    thresholds = Thresholds(Decimal("50"), Decimal("20"), lookback_months=rng.choice([0, 1]))
+    names = [f"E{i}" for i in range(rng.randrange(4, 12))]
+    relations: dict[str, Relation] = {}
+    graph = _built(relations, thresholds)
+    for _ in range(6):
+        questions = [
+            (*rng.sample(names, 2), date(2025, 1, 1) + timedelta(days=rng.randrange(0, 70))) for _ in range(12)
+        ]
+        for a, b, on in questions:  # the caches fill, and must not outlive what a change affects
+            graph.check(a, b, on)
+        changes = _changes(rng, relations, names)
+        _applied(graph, changes)
+        relations |= {r.id: r for r in changes}
+        built = _built(relations, thresholds)
+        for a, b, on in questions:
+            assert graph.check(a, b, on) == built.check(a, b, on), (a, b, on, changes)
+
+
+def test_a_change_below_influence_keeps_the_caches_and_an_end_drops_them() -> None:
+    r_a, r_b = rel("R", "A", "60"), rel("R", "B", "control")
+    graph = AffiliationGraph.of([r_a, r_b], DEFAULT)
+    assert graph.check("A", "B", DAY).affiliated
+    _applied(graph, [rel("A", "C", "5")])
+    assert graph._answers
+    ended = Relation(*astuple(r_b)[:6], DAY - timedelta(days=1))
+    _applied(graph, [ended])
+    assert not graph.check("A", "B", DAY).affiliated
+    assert graph.check("A", "B", DAY - timedelta(days=1)).path == [r_a, ended]

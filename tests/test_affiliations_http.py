@@ -1,10 +1,13 @@
 """Affiliations over HTTP and in the database: recording, ending, reading, checking; roles; bad input
-stores nothing; thresholds from configuration; the per-process graph follows every change at once."""
+stores nothing; thresholds from configuration; the per-process graph follows every change at once, brought
+forward by the rows changed, answering as a graph loaded whole."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import AsyncIterator
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -18,7 +21,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from app.settings import Settings
 from tests.affiliation_support import insert_entities, new_entity_id
 from tests.test_support import assert_problem, bearer, create_key, running_app
-from vouchers.affiliations import Thresholds, UnknownEntity, check_affiliation
+from vouchers import affiliations
+from vouchers.affiliation_graph import Affiliation, AffiliationGraph, RelationTable
+from vouchers.affiliations import (
+    NewAffiliation,
+    Thresholds,
+    UnknownEntity,
+    check_affiliation,
+    check_affiliation_at,
+    check_affiliation_cached,
+    end_affiliation,
+    record_affiliation,
+)
 
 DEFAULT = Thresholds(Decimal("50"), Decimal("20"))
 
@@ -364,3 +378,171 @@ async def test_rows_are_never_deleted_and_end_once(
                 text("UPDATE affiliation SET valid_to = DATE '2031-01-01', ended_at = now() WHERE id = :id"),
                 {"id": created["id"]},
             )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The cached graph brought forward by the rows changed since its version, compared with a graph loaded whole
+
+YEAR = Thresholds(Decimal("50"), Decimal("20"), lookback_months=12)
+ON = date(2026, 6, 1)
+_TABLE_OF = affiliations._table_of
+
+
+async def _loaded_whole(session: AsyncSession, thresholds: Thresholds) -> AffiliationGraph:
+    """The graph as a process that never cached one loads it."""
+    return AffiliationGraph(_TABLE_OF((await session.execute(affiliations._LOAD)).one()), thresholds)
+
+
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item per whole load of the per-process graph from now on."""
+    counted: list[int] = []
+
+    def table_of(row: Any) -> RelationTable:
+        counted.append(1)
+        return _TABLE_OF(row)
+
+    monkeypatch.setattr(affiliations, "_table_of", table_of)
+    return counted
+
+
+async def _compare(engine: AsyncEngine, questions: list[tuple[str, str, date]]) -> list[Affiliation]:
+    """The cached graph's answers, each equal to a graph loaded whole's (affiliated, path, day held)."""
+    answers = []
+    async with AsyncSession(engine) as session:
+        for thresholds in (YEAR, DEFAULT):
+            whole = await _loaded_whole(session, thresholds)
+            for a, b, on in questions:
+                answer = await check_affiliation(session, a, b, on, thresholds)
+                assert answer == whole.check(a, b, on), (a, b, on, thresholds)
+                answers.append(answer)
+    return answers
+
+
+async def _recorded(engine: AsyncEngine, new: NewAffiliation) -> str:
+    async with AsyncSession(engine) as session:
+        recorded = await record_affiliation(session, new)
+        await session.commit()
+    return recorded.id
+
+
+async def _answer(engine: AsyncEngine, a: str, b: str) -> Affiliation:
+    async with AsyncSession(engine) as session:
+        return await check_affiliation(session, a, b, ON, YEAR)
+
+
+async def test_the_cached_graph_follows_each_change_as_a_whole_load_would(
+    engine: AsyncEngine, loads: list[int]
+) -> None:
+    x, r, a, b, c, d = ids = await insert_entities(engine, 6)
+    pairs = [(p, q, on) for p in ids for q in ids if p != q for on in (ON, date(2026, 7, 2), date(2027, 6, 1))]
+    await _compare(engine, pairs)  # cached now (loaded whole, or brought forward from an earlier test's)
+    loads.clear()
+
+    await _recorded(engine, NewAffiliation(x, a, "control", date(2020, 1, 1)))
+    assert (await _answer(engine, a, x)).affiliated
+    # control above x: a's ultimate controller moves from x to r, which controls b too
+    await _recorded(engine, NewAffiliation(r, x, "equity", date(2020, 1, 1), equity_pct=Decimal("60")))
+    r_b = await _recorded(engine, NewAffiliation(r, b, "control", date(2021, 1, 1)))
+    answer = (await _compare(engine, [(a, b, ON)]))[0]
+    assert [(s.from_entity_id, s.to_entity_id) for s in answer.path] == [(x, a), (r, x), (r, b)]
+    # not started yet on ON; related from its first day
+    await _recorded(engine, NewAffiliation(c, d, "personnel", date(2026, 7, 1)))
+    await _recorded(engine, NewAffiliation(d, a, "equity", date(2019, 1, 1), Decimal("25"), date(2025, 12, 31)))
+    await _compare(engine, pairs)
+    # ended: related through its last day, and in the year after it only with the look-back
+    async with AsyncSession(engine) as session:
+        await end_affiliation(session, r_b, date(2026, 3, 31))
+        await session.commit()
+    answers = await _compare(engine, pairs)
+    assert not answers[pairs.index((a, b, ON)) + len(pairs)].affiliated  # the day only
+    assert answers[pairs.index((a, b, ON))].held_on == date(2026, 3, 31)
+
+    # written by another process, straight to the database: a graph cached before it is at an older
+    # version, which a redemption confirming it refuses (voucher_redeem), and the next look sees it
+    cached = check_affiliation_cached(engine, a, c, ON, YEAR)
+    assert cached is not None and not cached[1].affiliated
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO affiliation (id, from_entity_id, to_entity_id, kind, valid_from) "
+                "VALUES (:id, :a, :c, 'personnel', DATE '2020-01-01')"
+            ),
+            {"id": "aff_" + new_entity_id()[4:], "a": a, "c": c},
+        )
+    async with engine.connect() as conn:
+        current = await conn.scalar(text("SELECT version FROM affiliation_registry"))
+        assert cached[0] != current
+        version, fresh = await check_affiliation_at(conn, a, c, ON, YEAR, reload=True)
+        assert version == current and fresh.affiliated
+    await _compare(engine, pairs)
+    assert loads == [], "every change was applied to the cached graph"
+
+
+async def test_random_changes_keep_the_cached_graph_equal_to_a_whole_load(
+    engine: AsyncEngine, loads: list[int]
+) -> None:
+    """A few hundred checks between random changes: relations recorded (some not started yet, some with an
+    end), ended, written by another connection, and recorded in a transaction that rolls back after a check
+    made inside it (the cached graph then has relations nobody else sees: the next check loads whole)."""
+    rng = random.Random(14)
+    ids = await insert_entities(engine, 8)
+    open_: list[str] = []
+    await _compare(engine, [(ids[0], ids[1], ON)])
+    loads.clear()
+    rollbacks = 0
+    for step in range(24):
+        frm, to = rng.sample(ids, 2)
+        kind = rng.choice(["control", "personnel", "equity", "equity"])
+        pct = Decimal(rng.choice(["60", "50", "20", "19.99", "35"])) if kind == "equity" else None
+        start = ON + timedelta(days=rng.randrange(-500, 60))
+        end = None if rng.random() < 0.7 else start + timedelta(days=rng.randrange(0, 400))
+        new = NewAffiliation(frm, to, kind, start, pct, end)  # type: ignore[arg-type]
+        if step % 6 == 5:
+            async with AsyncSession(engine) as session:
+                await record_affiliation(session, new)
+                await check_affiliation(session, frm, to, ON, YEAR)
+                await session.rollback()
+            rollbacks += 1
+        else:
+            recorded = await _recorded(engine, new)
+            if end is None:
+                open_.append(recorded)
+        if open_ and rng.random() < 0.4:
+            async with engine.begin() as conn:  # another process's end
+                await conn.execute(
+                    text(
+                        "UPDATE affiliation SET valid_to = valid_from + CAST(:days AS integer), ended_at = now() "
+                        "WHERE id = :id"
+                    ),
+                    {"id": open_.pop(rng.randrange(len(open_))), "days": rng.randrange(0, 400)},
+                )
+        questions = [(*rng.sample(ids, 2), ON + timedelta(days=rng.randrange(-400, 60))) for _ in range(6)]
+        await _compare(engine, questions)
+    assert len(loads) == rollbacks, "loaded whole only after a rolled-back graph"
+
+
+async def test_writers_queue_on_the_registry_and_stamp_the_version_they_commit(engine: AsyncEngine) -> None:
+    """The version is taken before a statement writes, under the registry's row lock held to the commit: a
+    second writer waits, then takes a later version, which its rows carry and the log keeps."""
+    a, b, c = await insert_entities(engine, 3)
+    insert = text(
+        "INSERT INTO affiliation (id, from_entity_id, to_entity_id, kind, valid_from) "
+        "VALUES (:id, :a, :b, 'personnel', DATE '2020-01-01') RETURNING changed_version"
+    )
+    async with engine.connect() as first, engine.connect() as second:
+        version_first = await first.scalar(insert, {"id": "aff_" + new_entity_id()[4:], "a": a, "b": b})
+        waiting = asyncio.ensure_future(second.scalar(insert, {"id": "aff_" + new_entity_id()[4:], "a": a, "b": c}))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await first.commit()
+        version_second = await waiting
+        await second.commit()
+    async with engine.connect() as conn:
+        registry = await conn.scalar(text("SELECT version FROM affiliation_registry"))
+        logged = await conn.scalars(
+            text("SELECT version FROM affiliation_version_log WHERE version = ANY(:v)"),
+            {"v": [version_first, version_second]},
+        )
+        assert version_first < version_second == registry
+        assert sorted(logged) == [version_first, version_second]

@@ -8,14 +8,29 @@ Relations are never deleted (migration 0004); the one change a relation takes is
 Commands flush and never commit: the caller owns the transaction.
 
 Caching (PERFORMANCE.md point 3). Each process keeps the whole relation graph in memory, per database,
-tagged with the version of `affiliation_registry` it was loaded at. Every check first runs one cheap query
+tagged with the version of `affiliation_registry` it was built at. Every check first runs one cheap query
 (the registry's version, and whether both entities exist); when the version differs from the cached one,
-the graph is reloaded (one query returning the relations as column arrays, and the build in a thread)
-before answering. Every insert and every end sets a fresh version in the writer's transaction, so a
-relation recorded in any process, this one included, is seen by the very next check everywhere: no TTL,
-no stale answer. Only the first check after a change pays for the reload; concurrent checks wait for that
-one load instead of each loading. The version is a sequence value, never reused, so a graph loaded inside a
-transaction that later rolled back can never pass for a committed state.
+the graph is brought to the new version before answering. Every insert and every end sets a fresh version
+in the writer's transaction, so a relation recorded in any process, this one included, is seen by the very
+next check everywhere: no TTL, no stale answer. Concurrent checks wait for that one update instead of each
+making it. The version is a sequence value, never reused, so a graph loaded inside a transaction that later
+rolled back can never pass for a committed state.
+
+Bringing a graph forward (issue 14). Relations are events: one is recorded, or an open one is ended. Each
+row keeps the version of the statement that last inserted or ended it (`changed_version`, migration 0021),
+so a graph at version V is brought to the current version V' by the rows changed after V, read in one
+query, in the snapshot that also returns V', and applied to the graph in place (`_Snapshot.apply`: about
+a millisecond, where loading the whole table costs seconds at 300,000 relations). That is exact because a
+writer takes the registry's row lock in its first statement on relations and holds it to its commit:
+writers commit one after the other, in version order, so a snapshot that shows V' shows every change made at
+a version up to V' and none made after, but its own transaction's. One condition: V is in
+`affiliation_version_log` as this snapshot sees it. A statement's version is there once its transaction
+commits (and for that transaction itself before), so then the graph's state is part of the snapshot's, and
+V' is V or later. A graph built inside a
+transaction that rolled back (its relations nobody else will see), or later than the snapshot (an older
+REPEATABLE READ one), fails it and the graph is loaded whole: one query returning the relations as column
+arrays, and the build in a thread. So it is on the first check, and when more than `_CHANGES_MAX` rows
+changed (a process idle through a bulk import).
 """
 
 from __future__ import annotations
@@ -25,6 +40,8 @@ import re
 import secrets
 import string
 import weakref
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -65,7 +82,6 @@ __all__ = [
     "check_affiliation",
     "check_affiliation_at",
     "end_affiliation",
-    "forget_cached_graphs",
     "get_affiliation",
     "list_affiliations",
     "months_before",
@@ -340,11 +356,9 @@ _PROBE = text(
     "EXISTS (SELECT FROM entity WHERE id = :b) AS b_known FROM affiliation_registry"
 )
 _VERSION = text("SELECT version FROM affiliation_registry")
-# One round trip, one snapshot: the version read is exactly the state of the relations returned. Days are
-# proleptic ordinals (PostgreSQL's calendar is proleptic Gregorian, like Python's).
-_LOAD = text(
-    """
-SELECT (SELECT version FROM affiliation_registry) AS version,
+# The relations of a query's rows as column arrays (`_table_of`). Days are proleptic ordinals (PostgreSQL's
+# calendar is proleptic Gregorian, like Python's).
+_ARRAYS = """
        array_agg(id) AS ids,
        array_agg(from_entity_id) AS from_ids,
        array_agg(to_entity_id) AS to_ids,
@@ -352,9 +366,27 @@ SELECT (SELECT version FROM affiliation_registry) AS version,
        array_agg((equity_pct * 100)::integer) AS pcts,
        array_agg(valid_from - DATE '0001-01-01' + 1) AS first_days,
        array_agg(valid_to - DATE '0001-01-01' + 1) AS last_days
-  FROM (SELECT * FROM affiliation ORDER BY id) AS r
 """
+# One round trip, one snapshot: the version read is exactly the state of the relations returned.
+_LOAD = text(
+    "SELECT (SELECT version FROM affiliation_registry) AS version,"  # noqa: S608 (constants only)
+    + _ARRAYS
+    + "FROM (SELECT * FROM affiliation ORDER BY id) AS r"
 )
+# The same for the rows changed after a version, with whether that version is part of this snapshot's
+# history. Ordered by version and limited, so the index on changed_version reads them whatever the
+# statistics say (a fresh deploy has none), and so a long way behind costs no more than a reload.
+_CHANGES = text(
+    "SELECT (SELECT version FROM affiliation_registry) AS version,"  # noqa: S608 (constants only)
+    " EXISTS (SELECT FROM affiliation_version_log WHERE version = :since) AS follows,"
+    + _ARRAYS
+    + "FROM (SELECT * FROM affiliation WHERE changed_version > :since ORDER BY changed_version LIMIT :most) AS r"
+)
+# More changes than this since a graph's version, and it is loaded whole: applying them holds the event loop
+# (tens of microseconds a change), a load builds in a thread.
+_CHANGES_MAX = 2_000
+# Cached member trees (thousands of members each) or answers freed between two turns of the event loop.
+_FREE_SLICE = 64
 # Graphs kept per loaded snapshot: one per threshold set in use (normally one).
 _GRAPHS_PER_SNAPSHOT_MAX = 4
 
@@ -365,14 +397,39 @@ class _Snapshot:
     table: RelationTable
     graphs: dict[Thresholds, AffiliationGraph] = field(default_factory=dict)
 
+    def apply(self, version: int, rows: Iterable[tuple[Any, ...]]) -> list[OrderedDict[Any, Any]]:
+        """Bring this snapshot to `version` by `rows`, the relations changed since, in place (the graph
+        module says why), and return the caches its graphs dropped. Safe because every reader of a snapshot
+        is in this event loop's thread, and none holds it across an await (a check gets the graph and
+        answers at once): this runs in that thread, with no await, so no check sees it half done; and the
+        one thread that reads it, building the graph of another threshold set, holds the cache's lock, as
+        the caller of this does (a build left running by a cancelled check is thrown away)."""
+        changed = self.table.apply(rows)
+        dropped = [cache for graph in self.graphs.values() for cache in graph.apply(changed)]
+        self.version = version
+        return dropped
+
+
+def _rows_of(row: Any) -> Iterable[tuple[Any, ...]]:
+    if row.ids is None:  # no relation
+        return ()
+    return zip(row.ids, row.from_ids, row.to_ids, row.kinds, row.pcts, row.first_days, row.last_days, strict=True)
+
+
+async def _free_gradually(caches: list[OrderedDict[Any, Any]]) -> None:
+    """Empty `caches` a slice at a time, yielding to the event loop between slices. After a few thousand
+    checks a graph's caches hold millions of group members; dropped at once, they held the loop for 100 ms,
+    the first check after a change with it (bench/affiliations.py)."""
+    for cache in caches:
+        while cache:
+            for _ in range(min(len(cache), _FREE_SLICE)):
+                cache.popitem()
+            await asyncio.sleep(0)
+
 
 def _table_of(row: Any) -> RelationTable:
     table = RelationTable()
-    if row.ids is None:  # no relation recorded yet
-        return table
-    for relation in zip(
-        row.ids, row.from_ids, row.to_ids, row.kinds, row.pcts, row.first_days, row.last_days, strict=True
-    ):
+    for relation in _rows_of(row):
         table.add(*relation)
     return table
 
@@ -384,6 +441,7 @@ class _GraphCache:
         self.snapshot: _Snapshot | None = None
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._freeing: set[asyncio.Task[None]] = set()
 
     def _loop_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -400,10 +458,7 @@ class _GraphCache:
             async with self._loop_lock():
                 snapshot = self.snapshot
                 if snapshot is None or snapshot.version != version:
-                    row = (await session.execute(_LOAD)).one()
-                    # a write may have committed since the probe: the snapshot carries its own version
-                    snapshot = _Snapshot(row.version, await asyncio.to_thread(_table_of, row))
-                    self.snapshot = snapshot
+                    snapshot = self.snapshot = await self._refreshed(session, snapshot)
         graph = snapshot.graphs.get(thresholds)
         if graph is None:
             async with self._loop_lock():
@@ -414,6 +469,27 @@ class _GraphCache:
                         snapshot.graphs.clear()
                     snapshot.graphs[thresholds] = graph
         return snapshot.version, graph
+
+    async def _refreshed(self, session: AsyncSession | AsyncConnection, snapshot: _Snapshot | None) -> _Snapshot:
+        """The relations as `session` sees them now: `snapshot` brought forward by the rows changed since its
+        version when it can be (module docstring), else loaded whole. A write may have committed since the
+        caller read the version: the snapshot returned carries its own."""
+        if snapshot is not None:
+            row = (await session.execute(_CHANGES, {"since": snapshot.version, "most": _CHANGES_MAX + 1})).one()
+            if row.version == snapshot.version:
+                return snapshot
+            if row.follows and len(row.ids or ()) <= _CHANGES_MAX:
+                try:
+                    dropped = snapshot.apply(row.version, _rows_of(row))
+                except BaseException:
+                    self.snapshot = None  # half applied: never answer with it
+                    raise
+                freeing = asyncio.create_task(_free_gradually(dropped))
+                self._freeing.add(freeing)  # the loop keeps only a weak reference to a task
+                freeing.add_done_callback(self._freeing.discard)
+                return snapshot
+        row = (await session.execute(_LOAD)).one()
+        return _Snapshot(row.version, await asyncio.to_thread(_table_of, row))
 
     def cached(self, thresholds: Thresholds) -> tuple[int, AffiliationGraph] | None:
         snapshot = self.snapshot
@@ -445,18 +521,11 @@ def _cache_for(engine: AsyncEngine | Engine) -> _GraphCache:
     return cache
 
 
-def forget_cached_graphs() -> None:
-    """Drop this process's graphs (the next check reloads). Never needed for correctness: every check
-    compares versions; the HTTP layer calls it after recording a relation to free the old graph at once."""
-    for cache in _CACHES.values():
-        cache.snapshot = None
-
-
 async def check_affiliation(session: AsyncSession, a: str, b: str, on: date, thresholds: Thresholds) -> Affiliation:
     """Are entities `a` and `b` affiliated on `on` (POLICY.md, arts. 8, 9)? The answer names the relations
     that make them so, as a walk from `a` to `b`. `UnknownEntity` when either is not an entity.
 
-    Runs inside the caller's session (one cheap query, plus a reload of the graph after a change) and
+    Runs inside the caller's session (one cheap query, plus one to bring the graph forward after a change) and
     reads relations the session itself has recorded but not yet committed."""
     probe = (await session.execute(_PROBE, {"a": a, "b": b})).one()
     for entity_id, known in ((a, probe.a_known), (b, probe.b_known)):

@@ -20,7 +20,6 @@ from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BeforeValidator, Field, StringConstraints, ValidationError, WithJsonSchema
 
-from app.apikeys import Role
 from app.dependencies import (
     AdminOrAuditorCaller,
     Caller,
@@ -32,6 +31,7 @@ from app.dependencies import (
 from app.errors import Forbidden, ValidationFailed, problem_responses
 from app.pagination import Cursor, Page, PageDep, split_page
 from app.policy_tasks import thresholds_of
+from app.roles import Role
 from app.schemas import RequestModel, ResponseModel
 from vouchers.affiliations import (
     SOURCE_LENGTH_MAX,
@@ -44,7 +44,6 @@ from vouchers.affiliations import (
     Thresholds,
     check_affiliation,
     end_affiliation,
-    forget_cached_graphs,
     get_affiliation,
     list_affiliations,
     months_before,
@@ -230,7 +229,6 @@ async def create(
     except InvalidAffiliation as exc:
         _invalid(exc)
     await session.commit()
-    forget_cached_graphs()
     return AffiliationOut.of(record)
 
 
@@ -304,5 +302,4 @@ async def end(
     except InvalidAffiliation as exc:
         _invalid(exc)
     await session.commit()
-    forget_cached_graphs()
     return AffiliationOut.of(record)

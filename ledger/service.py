@@ -239,11 +239,16 @@ _POST_MANY = """
      ORDER BY t.ord
 """
 
+# An entry's postings name their accounts by code: each posting's account is looked up by its id in a subquery
+# of its own (OFFSET 0 keeps the planner from folding it into a join). Joined, it was a hash join over every
+# account whenever the statistics put many postings in an entry (none at all, on a journal never analyzed):
+# the sealer read all of ledger_account for each entry it sealed.
 _ENTRY_COLUMNS = """
     e.id, e.kind, e.idempotency_key, e.pending_entry_id, e.reverses_entry_id, e.expires_at, e.memo,
     e.metadata::text AS metadata, e.created_at, s.chain_seq, s.prev_hash, s.hash,
     (SELECT json_agg(json_build_array(a.code, p.direction, p.phase, p.amount) ORDER BY p.seq)
-       FROM ledger_posting p JOIN ledger_account a ON a.id = p.account_id
+       FROM ledger_posting p
+      CROSS JOIN LATERAL (SELECT code FROM ledger_account WHERE id = p.account_id OFFSET 0) a
       WHERE p.entry_id = e.id)::text AS postings
 """
 
@@ -258,6 +263,21 @@ _SUMS = """
 """
 
 _LIMITED = "(a.debits_must_not_exceed_credits OR a.credits_must_not_exceed_debits)"
+
+# The sealer's first statement: its lock and, for the rest of its transaction, the settings its statements are
+# planned under. The sealer runs beside redemptions from a service's first second, before autovacuum has
+# analyzed anything, and keeps its statements' plans (asyncpg prepares them; after five runs PostgreSQL may keep
+# a generic plan for the connection's life). Every row it reads it finds by a key (the queue's, an entry's,
+# a posting's, an account's), so no sequential scan is allowed it: without statistics the planner read all of
+# ledger_account for every batch it sealed (a hash join over a sequential scan), a read that grew with the
+# number of accounts. jit = off: the planner's estimates for a journal it has not analyzed put the read's
+# cost above jit_above_cost, and a server with JIT compiled it again at every batch. Each setting is set here,
+# before any of the sealer's statements is planned, so every plan of them, the first included, is made under it.
+_SEALER_LOCK = """
+    SELECT locked, CASE WHEN locked THEN set_config('enable_seqscan', 'off', true) END,
+           CASE WHEN locked THEN set_config('jit', 'off', true) END
+      FROM pg_try_advisory_xact_lock($1) AS locked
+"""
 
 # The sealer's read: the oldest queued entries, as `_ENTRY_COLUMNS` gives them (not yet sealed, so no seal
 # columns). Each entry is fetched by its id in a subquery of its own: OFFSET 0 keeps the planner from
@@ -279,22 +299,26 @@ _UNSEALED = f"""
 
 # The sealer's write, one statement: the seals in chain order (the insert trigger checks each link), the
 # entries off the queue, and their postings folded into the cached totals of the accounts without a limit
-# (a limited account's totals are kept by each write under its lock).
+# (a limited account's totals are kept by each write under its lock). The accounts are named by their ids
+# (`a.id = ANY(...)`) besides the join, so every way left to read them (sequential scans are off, see
+# `_SEALER_LOCK`) looks those ids up in the primary key: with the join alone, and no statistics, the planner
+# read every account to keep the batch's.
 _SEAL_WRITE = f"""
     WITH sealed AS (
         INSERT INTO ledger_seal (chain_seq, entry_id, prev_hash, hash)
         SELECT s, e, p, h FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[]) AS u(s, e, p, h)
          ORDER BY s),
     dequeued AS (
-        DELETE FROM ledger_unsealed WHERE entry_id = ANY($2::bigint[]))
+        DELETE FROM ledger_unsealed WHERE entry_id = ANY($2::bigint[])),
+    moved AS (
+        SELECT p.account_id, {_SUMS} FROM ledger_posting p WHERE p.entry_id = ANY($2::bigint[]) GROUP BY p.account_id)
     UPDATE ledger_account a
        SET debits_posted = a.debits_posted + coalesce(d.dp, 0),
            credits_posted = a.credits_posted + coalesce(d.cp, 0),
            debits_pending = a.debits_pending + coalesce(d.dq, 0),
            credits_pending = a.credits_pending + coalesce(d.cq, 0)
-      FROM (SELECT p.account_id, {_SUMS} FROM ledger_posting p
-             WHERE p.entry_id = ANY($2::bigint[]) GROUP BY p.account_id) d
-     WHERE a.id = d.account_id AND NOT {_LIMITED}
+      FROM moved d
+     WHERE a.id = d.account_id AND a.id = ANY(ARRAY(SELECT account_id FROM moved)) AND NOT {_LIMITED}
 """
 
 _CURRENT_BALANCES = f"""
@@ -768,9 +792,11 @@ class Ledger:
         many entries it sealed. The caller commits.
 
         Four round trips whatever the batch: the lock, the chain's head, the entries (`_UNSEALED`), and one
-        statement that writes the seals, dequeues the entries and folds their postings (`_SEAL_WRITE`)."""
+        statement that writes the seals, dequeues the entries and folds their postings (`_SEAL_WRITE`). Once it
+        holds the lock, the rest of the transaction runs without sequential scans and without JIT
+        (`_SEALER_LOCK`): give the sealer a transaction of its own, as `app.background.seal_all` does."""
         batch_size = max(1, min(batch_size, SEAL_BATCH_MAX))
-        if not (await driver.fetchrow(conn, "SELECT pg_try_advisory_xact_lock($1)", SEALER_LOCK_ID))[0]:
+        if not (await driver.fetchrow(conn, _SEALER_LOCK, SEALER_LOCK_ID))["locked"]:
             return 0
         last = await driver.fetchrow(conn, "SELECT chain_seq, hash FROM ledger_seal ORDER BY chain_seq DESC LIMIT 1")
         seq, prev = (0, chain.GENESIS_HASH) if last is None else (int(last["chain_seq"]), bytes(last["hash"]))

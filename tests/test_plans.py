@@ -1,10 +1,10 @@
-"""Plans that cannot go wrong (issue 14): a posting made on a connection whose plans were made while the
-journal was empty reads no more of the journal when it has grown.
+"""Plans that cannot go wrong (issue 14): a posting, a redemption or a seal made on a connection whose plans
+were made while the tables were empty reads no more of them when they have grown.
 
 PL/pgSQL keeps each statement's plan for its connection's life, so the plan a fresh deploy makes before
 autovacuum's first analyze is the plan that connection keeps. The test makes exactly that state (autovacuum
 off, nothing analyzed), plans on the empty journal, grows it, and counts the rows the same connection's
-next posting reads from each table (`pg_stat_xact_user_tables`: this transaction's own reads).
+next posting (redemption, seal) reads from each table (`pg_stat_xact_user_tables`: this transaction's own reads).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 import asyncpg
 import jwt
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.apikeys import Role
 from app.db import make_engine
 from app.settings import Settings
-from ledger.service import Ledger
+from ledger.postings import POSTINGS_MAX, Posting
+from ledger.service import SEAL_BATCH_MAX, Ledger, Transfer
 from tests.conftest import _asyncpg_dsn
 from tests.ledger_support import open_accounts
 from tests.service_support import CURRENT_YEAR
@@ -55,6 +57,8 @@ async def never_analyzed(fresh_db_url: str) -> AsyncIterator[tuple[str, AsyncEng
     finally:
         await engine.dispose()
 
+
+_READS = "SELECT relname, coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS read FROM pg_stat_xact_user_tables"
 
 _POST = (
     "SELECT outcome FROM ledger_post($1, $2, 'transfer', NULL, NULL, NULL, 'plan test', '{}'::jsonb, $3, "
@@ -172,3 +176,86 @@ async def test_a_redemption_planned_on_an_empty_table_reads_by_key_when_redempti
     assert reads.get("voucher"), reads  # the redemptions' own reads were counted
     heavy = {table: rows for table, rows in reads.items() if rows > ROWS_READ_MAX}
     assert not heavy, f"reads that grew with the redemptions ({REDEMPTIONS_GROWN}): {heavy}; all: {reads}"
+
+
+ACCOUNTS_GROWN = 3_000
+# each account's first entry, three times over: a journal of some 9,000 postings, so that the planner, without
+# statistics, expects many postings to an entry, as it does on any journal of size
+JOURNAL_ROUNDS = 3
+# PostgreSQL plans a prepared statement afresh for its first five runs, and then may keep a generic plan
+PLANNED_SEALS = 6
+SEALS = 5
+
+
+async def _reads(conn: AsyncConnection) -> dict[str, int]:
+    """Rows read per table by this connection since it last reported its statistics (never within a
+    transaction): what a transaction read is the difference of two calls made within it."""
+    return {row.relname: int(row.read) for row in (await conn.execute(text(_READS))).all()}
+
+
+async def test_the_sealer_planned_on_empty_tables_reads_accounts_by_key_when_there_are_many(
+    never_analyzed: tuple[str, AsyncEngine],
+) -> None:
+    """The sealer folds a batch's postings into the cached totals of the accounts they move: it reads those
+    accounts and no other, however many there are, on a connection whose plans were made when there were
+    none. Without statistics its write was a hash join over every account, and its read of an entry's
+    postings another: 6,004 rows of ledger_account read per entry sealed here, 4 now.
+
+    Two connections plan the sealer on near-empty tables: one as the service's do (asyncpg's prepared
+    statements, PostgreSQL's choice between custom and generic plans), one holding the generic plan made at
+    the first run, as PL/pgSQL's plans are held."""
+    _url, engine = never_analyzed
+    ledger = Ledger()
+    accounts = await open_accounts(engine, ledger, {"from": None, "to": None})
+    codes = (accounts["from"].code, accounts["to"].code)
+
+    async def post(conn: AsyncConnection, key: str) -> None:
+        await ledger.transfer(conn, key=key, postings=[Posting(codes[0], "debit", 1), Posting(codes[1], "credit", 1)])
+        await conn.commit()
+
+    async with engine.connect() as auto, engine.connect() as generic:  # their plans stay with them
+        await generic.execute(text("SET plan_cache_mode = force_generic_plan"))
+        await generic.commit()
+        planned = {"auto": auto, "force_generic_plan": generic}
+        for i in range(PLANNED_SEALS):
+            for mode, conn in planned.items():
+                await post(conn, f"planned-{mode}-{i}")
+                assert await ledger.seal(conn) == 1
+                await conn.commit()
+
+        async with engine.connect() as grower:  # many accounts (vouchers), each with entries
+            for i in range(ACCOUNTS_GROWN):
+                await ledger.open_account(grower, f"grown:{i}")
+            batch = POSTINGS_MAX - 1
+            await ledger.transfer_many(
+                grower,
+                [
+                    Transfer(
+                        f"grow-{r}-{lo}",
+                        [Posting(f"grown:{i}", "debit", 1) for i in range(lo, min(lo + batch, ACCOUNTS_GROWN))]
+                        + [Posting(codes[1], "credit", min(batch, ACCOUNTS_GROWN - lo))],
+                    )
+                    for r in range(JOURNAL_ROUNDS)
+                    for lo in range(0, ACCOUNTS_GROWN, batch)
+                ],
+            )
+            await grower.commit()
+            while await ledger.seal(grower, batch_size=SEAL_BATCH_MAX):
+                await grower.commit()
+
+        reads: dict[str, dict[str, int]] = {}
+        for mode, conn in planned.items():
+            reads[mode] = {}
+            for i in range(SEALS):
+                await post(conn, f"sealed-{mode}-{i}")
+                before = await _reads(conn)
+                assert await ledger.seal(conn) == 1
+                after = await _reads(conn)
+                await conn.commit()
+                for table, rows in after.items():
+                    reads[mode][table] = reads[mode].get(table, 0) + rows - before.get(table, 0)
+    for mode, by_table in reads.items():
+        assert by_table.get("ledger_account"), by_table  # the seals' own reads were counted
+        per_entry = {table: rows / SEALS for table, rows in by_table.items() if rows}
+        heavy = {table: rows for table, rows in per_entry.items() if rows > ROWS_READ_MAX}
+        assert not heavy, f"{mode}: rows read per entry sealed, with {ACCOUNTS_GROWN} accounts: {per_entry}"

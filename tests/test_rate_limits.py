@@ -20,7 +20,7 @@ from pydantic_settings import SettingsError
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import cli
+from app import cli, migrate
 from app.apikeys import Caller, Role
 from app.main import create_app
 from app.ratelimit import NS_PER_S, RateLimited, RateLimiter, TokenBucket
@@ -234,7 +234,7 @@ def test_serve_tells_its_workers_how_many_share_each_rate(monkeypatch: pytest.Mo
     def run(*_args: Any, **kwargs: Any) -> None:
         seen.update(uvicorn_workers=kwargs["workers"], setting=get_settings().workers)
 
-    monkeypatch.setattr(cli.migrate, "upgrade", lambda _url: None)
+    monkeypatch.setattr(migrate, "upgrade", lambda _url: None)
     monkeypatch.setattr(uvicorn, "run", run)
     # both set here so that they are restored afterwards: serve sets them for its workers
     monkeypatch.setenv("VL_WORKERS", "1")

@@ -21,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, NoReturn, TypeVar
 
 import asyncpg
 from sqlalchemy import text
@@ -580,12 +580,7 @@ class Ledger:
                 [p.amount_fen for p in postings],
             )
         except (DBAPIError, asyncpg.PostgresError) as exc:
-            if sqlstate(exc) == "VL404":
-                # ids cached from a creation that was rolled back: forget them, the caller may retry
-                for posting in postings:
-                    self._by_code.pop(posting.account, None)
-            _raise_mapped(exc)
-            raise
+            self._raise_posting_error(exc, postings)
         replayed = await self._entries_by_id(conn, [row["entry_id"] for row in rows if row["outcome"] == "existing"])
         outcomes: list[Entry | Refusal] = []
         for t, row in zip(transfers, rows, strict=True):
@@ -721,6 +716,15 @@ class Ledger:
             raise EntryNotFound(f"entry {pending_entry_id} is not a hold")
         return entry.postings
 
+    def _raise_posting_error(self, exc: Exception, postings: Sequence[Posting]) -> NoReturn:
+        """`exc`, raised by `ledger_post`, as the ledger's own error. An unknown account (VL404) means ids
+        cached from a creation that was rolled back: they are forgotten first, so the caller may retry."""
+        if sqlstate(exc) == "VL404":
+            for posting in postings:
+                self._by_code.pop(posting.account, None)
+        _raise_mapped(exc)
+        raise exc
+
     async def _post(
         self,
         conn: AsyncConnection,
@@ -759,12 +763,7 @@ class Ledger:
                 [p.amount_fen for p in postings],
             )
         except (DBAPIError, asyncpg.PostgresError) as exc:
-            if sqlstate(exc) == "VL404":
-                # an id cached from a creation that was rolled back: forget them, the caller may retry
-                for posting in postings:
-                    self._by_code.pop(posting.account, None)
-            _raise_mapped(exc)
-            raise
+            self._raise_posting_error(exc, postings)
         assert row is not None
         if row["outcome"] == "refused":
             raise REFUSALS.get(row["code"], Refusal)(row["detail"])

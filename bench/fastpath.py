@@ -16,29 +16,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import migrate
-from app.embedded import start_embedded
 from bench.redeem_load import (
     SHANGHAI,
     WARMUP_PER_VOUCHER_S,
     WARMUP_S,
-    Service,
     admin_key,
     check_books,
     cpu_seconds,
     drive,
-    say_durability,
+    fresh_deploy,
     seed,
 )
 
@@ -53,20 +47,7 @@ async def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     args = parser.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp(prefix="vl-bench-fastpath-"))
-    server: Any = None
-    service: Service | None = None
-    try:
-        db_url, server = start_embedded(data_dir)
-        await asyncio.to_thread(migrate.upgrade, db_url)
-        await say_durability(db_url)
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "VL_DATA_DIR": str(data_dir),
-            "XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"],  # set by start_embedded
-        }
-        service = Service(env, 2, data_dir / "service.log")
+    async with fresh_deploy("vl-bench-fastpath-", 2) as (data_dir, db_url, _server, env, service):
         await service.start()
         admin = await asyncio.to_thread(admin_key, env)
         provider, provider_key, _vouchers, tokens = await seed(
@@ -76,7 +57,7 @@ async def main() -> int:
         postmaster = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
 
         def probe() -> tuple[float, float, float]:
-            assert service is not None and service.process is not None
+            assert service.process is not None
             return cpu_seconds(service.process.pid, postmaster)
 
         print(
@@ -116,12 +97,6 @@ async def main() -> int:
         )
         errors = sum(sum(r["errors"].values()) for rs in results.values() for r in rs)
         return 0 if ok and errors == 0 else 1
-    finally:
-        if service is not None:
-            service.stop()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -48,9 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app import migrate
 from app.db import make_engine
-from app.embedded import start_embedded
 from app.settings import Settings
 from bench.ledger import pgbench
 from bench.redeem_load import (
@@ -61,7 +56,7 @@ from bench.redeem_load import (
     check_books,
     cpu_seconds,
     drive,
-    say_durability,
+    fresh_deploy,
     seed,
 )
 from ledger.postings import credit, debit
@@ -284,76 +279,64 @@ async def main() -> int:
         parser.error("--small below --large, --seeders at most --sources, --segment at most --seconds")
 
     print(f"load average before: {load()}")
-    data_dir = Path(tempfile.mkdtemp(prefix="vl-bench-journal-"))
-    server: Any = None
-    service: Service | None = None
     engine: AsyncEngine | None = None
-    try:
-        db_url, server = start_embedded(data_dir)
-        await asyncio.to_thread(migrate.upgrade, db_url)
-        await say_durability(db_url)
-        env = {**os.environ, "DATABASE_URL": db_url, "VL_DATA_DIR": str(data_dir)}
-        service = Service(env, 2, data_dir / "service.log")
-        await service.start()
-        admin = await asyncio.to_thread(admin_key, env)
-        year = datetime.now(SHANGHAI).year
-        began = time.perf_counter()
-        provider, provider_key, vouchers, tokens = await seed(service.base_url, admin, args.vouchers, year)
-        print(f"seeded {len(vouchers)} vouchers through the API in {time.perf_counter() - began:.1f} s")
-        warmup = await asyncio.to_thread(
-            drive,
-            service.base_url,
-            provider_key,
-            tokens,
-            args.clients,
-            WARMUP_PER_VOUCHER_S * len(tokens),
-            "warmup",
-            data_dir,
-            lambda: (0.0, 0.0, 0.0),
-        )
-        redeemed, runs = warmup["ok"], 1
-
-        engine = make_engine(db_url, Settings(database_url=db_url))
-        ledger = Ledger()
-        run = f"{time.time_ns():x}"
-        await open_import_accounts(engine, ledger, run, args.sources, args.sinks)
-        print(
-            f"{'case':<6} {'from s':>6} {'201s':>8} {'redemptions/s':>14} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'service':>8} {'PG':>6} {'other':>6} {'cores':>6}  errors by status"
-        )
-        measured = {}
-        for label, target in (("small", args.small), ("large", args.large)):
-            await grow(engine, ledger, args, run, target)
-            measured[label] = m = await measure(engine, args, service, provider_key, tokens, data_dir, label)
-            redeemed, runs = redeemed + m["ok"], runs + m["segments"]
-        rates = {label: m["rate"] for label, m in measured.items()}
-        await engine.dispose()
-        engine = None
-        service.stop()
-        books = await check_books(db_url, provider, redeemed, args.clients * runs)
-        ratio = rates["large"] / rates["small"]
-        print(
-            f"journal size: {rates['small']:.0f} redemptions/s near {args.small:,} entries, {rates['large']:.0f}/s "
-            f"near {args.large:,}: large/small = {ratio:.2f} (target at least {TARGET_RATIO:.2f}: "
-            f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})"
-        )
-        compare(measured["small"], measured["large"])
-        tps = await asyncio.to_thread(pgbench, server, data_dir, args.pgbench_seconds)
-        if tps:
-            print(
-                f"pgbench TPC-B (prepared, 32 clients, scale 32, same server, after): {tps:.0f} tps; "
-                f"small / TPC-B = {rates['small'] / tps:.2f}, large / TPC-B = {rates['large'] / tps:.2f}"
+    async with fresh_deploy("vl-bench-journal-", 2) as (data_dir, db_url, server, env, service):
+        try:
+            await service.start()
+            admin = await asyncio.to_thread(admin_key, env)
+            year = datetime.now(SHANGHAI).year
+            began = time.perf_counter()
+            provider, provider_key, vouchers, tokens = await seed(service.base_url, admin, args.vouchers, year)
+            print(f"seeded {len(vouchers)} vouchers through the API in {time.perf_counter() - began:.1f} s")
+            warmup = await asyncio.to_thread(
+                drive,
+                service.base_url,
+                provider_key,
+                tokens,
+                args.clients,
+                WARMUP_PER_VOUCHER_S * len(tokens),
+                "warmup",
+                data_dir,
+                lambda: (0.0, 0.0, 0.0),
             )
-        print(f"load average after: {load()}")
-        return 0 if books else 1
-    finally:
-        if engine is not None:
+            redeemed, runs = warmup["ok"], 1
+
+            engine = make_engine(db_url, Settings(database_url=db_url))
+            ledger = Ledger()
+            run = f"{time.time_ns():x}"
+            await open_import_accounts(engine, ledger, run, args.sources, args.sinks)
+            print(
+                f"{'case':<6} {'from s':>6} {'201s':>8} {'redemptions/s':>14} {'p50 ms':>8} {'p99 ms':>8} "
+                f"{'service':>8} {'PG':>6} {'other':>6} {'cores':>6}  errors by status"
+            )
+            measured = {}
+            for label, target in (("small", args.small), ("large", args.large)):
+                await grow(engine, ledger, args, run, target)
+                measured[label] = m = await measure(engine, args, service, provider_key, tokens, data_dir, label)
+                redeemed, runs = redeemed + m["ok"], runs + m["segments"]
+            rates = {label: m["rate"] for label, m in measured.items()}
             await engine.dispose()
-        if service is not None:
+            engine = None
             service.stop()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(data_dir, ignore_errors=True)
+            books = await check_books(db_url, provider, redeemed, args.clients * runs)
+            ratio = rates["large"] / rates["small"]
+            print(
+                f"journal size: {rates['small']:.0f} redemptions/s near {args.small:,} entries, {rates['large']:.0f}/s "
+                f"near {args.large:,}: large/small = {ratio:.2f} (target at least {TARGET_RATIO:.2f}: "
+                f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})"
+            )
+            compare(measured["small"], measured["large"])
+            tps = await asyncio.to_thread(pgbench, server, data_dir, args.pgbench_seconds)
+            if tps:
+                print(
+                    f"pgbench TPC-B (prepared, 32 clients, scale 32, same server, after): {tps:.0f} tps; "
+                    f"small / TPC-B = {rates['small'] / tps:.2f}, large / TPC-B = {rates['large'] / tps:.2f}"
+                )
+            print(f"load average after: {load()}")
+            return 0 if books else 1
+        finally:
+            if engine is not None:
+                await engine.dispose()
 
 
 if __name__ == "__main__":

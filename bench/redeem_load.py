@@ -51,10 +51,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -148,6 +148,41 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=STOP_TIMEOUT_S)
+
+
+class Deploy(NamedTuple):
+    data_dir: Path
+    db_url: str
+    server: Any  # the embedded PostgreSQL's handle
+    env: dict[str, str]  # the service's environment
+    service: Service
+
+
+@contextlib.asynccontextmanager
+async def fresh_deploy(prefix: str, workers: int) -> AsyncIterator[Deploy]:
+    """What an operator deploys, in a temp folder removed at the end: the embedded PostgreSQL, migrated, with
+    its durability said, and `voucher-ledger serve --workers N` ready to start against it (not started)."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    server: Any = None
+    service: Service | None = None
+    try:
+        db_url, server = start_embedded(data_dir)
+        await asyncio.to_thread(migrate.upgrade, db_url)
+        await say_durability(db_url)
+        env = {
+            **os.environ,
+            "DATABASE_URL": db_url,
+            "VL_DATA_DIR": str(data_dir),
+            "XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"],  # set by start_embedded
+        }
+        service = Service(env, workers, data_dir / "service.log")
+        yield Deploy(data_dir, db_url, server, env, service)
+    finally:
+        if service is not None:
+            service.stop()
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -599,21 +634,8 @@ async def main() -> int:
     if not (0 < args.seconds <= 600 and 1 <= args.vouchers <= 100_000 and 1 <= args.clients <= 1000):
         parser.error("--seconds in (0, 600], --vouchers in [1, 100000], --clients in [1, 1000]")
 
-    data_dir = Path(tempfile.mkdtemp(prefix="vl-bench-redeem-"))
-    server: Any = None
-    service: Service | None = None
     ok = False
-    try:
-        db_url, server = start_embedded(data_dir)
-        await asyncio.to_thread(migrate.upgrade, db_url)
-        await say_durability(db_url)
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "VL_DATA_DIR": str(data_dir),
-            "XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"],  # set by start_embedded
-        }
-        service = Service(env, args.workers, data_dir / "service.log")
+    async with fresh_deploy("vl-bench-redeem-", args.workers) as (data_dir, db_url, server, env, service):
         await service.start()
         admin = await asyncio.to_thread(admin_key, env)
         year = datetime.now(SHANGHAI).year  # an award is approved only inside its own program year
@@ -630,7 +652,7 @@ async def main() -> int:
         postmaster = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
 
         def probe() -> tuple[float, float, float]:
-            assert service is not None and service.process is not None
+            assert service.process is not None
             return cpu_seconds(service.process.pid, postmaster)
 
         cases = [("uniform", tokens), ("hot", tokens[:1])]
@@ -690,12 +712,6 @@ async def main() -> int:
                 print(f"pgbench TPC-B (prepared, 32 clients, scale 32, same server): {tps:.0f} tps")
                 for label, r in results.items():
                     print(f"  redemptions {label} / pgbench = {r['rps'] / tps:.2f}")
-    finally:
-        if service is not None:
-            service.stop()
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(data_dir, ignore_errors=True)
     return 0 if ok else 1
 
 

@@ -17,7 +17,7 @@ import inspect
 import logging
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -106,16 +106,30 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_MEDIA_TYPE)
 
 
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: these statuses answer a problem document."""
+    """`responses=` for a route: these statuses answer a problem document, `application/problem+json`.
+    Declared by reference, not as `model=Problem`: FastAPI builds a pydantic field for every response model
+    of every route of every app, half the cost of an app's first request (and of each test's app); the
+    schema itself is added once (`_openapi_with_problem`)."""
     return {
-        status: {
-            "model": Problem,
-            "description": HTTPStatus(status).phrase,
-            "content": {PROBLEM_MEDIA_TYPE: {}},
-        }
+        status: {"description": HTTPStatus(status).phrase, "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_REF}}}
         for status in statuses
     }
+
+
+def _openapi_with_problem(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi`: FastAPI's document, with the Problem schema the routes refer to."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            document.setdefault("components", {}).setdefault("schemas", {})["Problem"] = Problem.model_json_schema()
+        return app.openapi_schema or {}
+
+    return openapi
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -606,6 +620,7 @@ class BodySizeLimitMiddleware:
 
 
 def install_error_handlers(app: FastAPI, *, max_body_size: int) -> None:
+    app.openapi = _openapi_with_problem(app)  # type: ignore[method-assign]
     app.add_exception_handler(ProblemError, _problem_error)
     for cls in DOMAIN_ERRORS:
         app.add_exception_handler(cls, _domain_error)

@@ -13,7 +13,7 @@ What it does, all on loopback, in a temp folder it removes at the end:
    transaction with `SELECT ... FROM generate_series(...), LATERAL ledger_post(...)`. A sample of entries is
    then checked against `ledger.postings.request_hash`, so the same request through the service would be an
    idempotent replay. Then seals everything with the service's sealer (`Ledger.seal`, the largest batch it
-   takes, each batch its own transaction through `run_in_transaction`), and runs ANALYZE;
+   takes, each batch its own transaction through `run_in_transaction`); no ANALYZE, as on a fresh deploy;
 3. starts `voucher-ledger serve --workers 1` as a separate process (`DATABASE_URL` set, `VL_DATA_DIR` the
    temp folder) and makes an auditor key with `voucher-ledger apikey create`;
 4. for each format streams the whole export with httpx from this process, reading the body chunk by chunk
@@ -70,8 +70,6 @@ YEAR = 2026
 BUDGET = f"budget:compute.purchase:{YEAR}"
 CLEARING = f"treasury:{YEAR}:settlement-clearing"
 BUILDERS = 2  # connections building at once: one per core
-WARMUP_ENTRIES = 2_000
-ANALYZE_EVERY = 200_000
 VOUCHER_FACE_FEN = 10**13  # each voucher account is funded far above what the transfers take
 MB = 1_000_000
 
@@ -196,31 +194,15 @@ async def build(engine: AsyncEngine, ledger: Ledger, entries: int, chunk: int, a
             print(f"  built {done:,} entries in {elapsed:.0f}s ({done / elapsed:,.0f}/s)", flush=True)
             next_report += 100_000
 
-    # A first small chunk, then ANALYZE: plans that ledger_post's statements cache on empty tables scan them
-    # whole, and slow down as they grow (PERFORMANCE.md, point 5). ANALYZE invalidates the cached plans; it
-    # runs again every ANALYZE_EVERY entries so the plans follow the tables.
-    first = min(entries, WARMUP_ENTRIES)
-    await one(0, 1, first)
-    await analyze(engine)
-    chunks = iter(range(first + 1, entries + 1, chunk))
-    analyzed = done
+    # no ANALYZE between chunks: ledger_post's statements read by key whatever the statistics (issue 14)
+    chunks = iter(range(1, entries + 1, chunk))
 
     async def builder(b: int) -> None:
-        nonlocal analyzed
         for lo in chunks:
             await one(b, lo, min(entries, lo + chunk - 1))
-            if b == 0 and done - analyzed >= ANALYZE_EVERY:
-                analyzed = done
-                await analyze(engine)
 
     await asyncio.gather(*(builder(b) for b in range(BUILDERS)))
     return done + len(fixed["v_codes"])  # the funding transfers are entries too
-
-
-async def analyze(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        await conn.execute(text("ANALYZE ledger_account, ledger_entry, ledger_posting, ledger_unsealed"))
-        await conn.commit()
 
 
 async def check_fingerprints(engine: AsyncEngine) -> int:
@@ -437,14 +419,11 @@ async def main() -> int:
             sealed = await seal(engine, ledger, made)
             sealed_s = time.perf_counter() - t0
             print(f"sealed {sealed:,} entries with Ledger.seal in {sealed_s:.1f}s ({sealed / sealed_s:,.0f}/s)")
-            t0 = time.perf_counter()
             async with engine.connect() as conn:
-                await conn.execute(text("ANALYZE"))
-                await conn.commit()
                 postings = int(await conn.scalar(text("SELECT count(*) FROM ledger_posting")))
                 size = int(await conn.scalar(text("SELECT pg_database_size(current_database())")))
             print(
-                f"ANALYZE in {time.perf_counter() - t0:.1f}s; {postings:,} postings; database {size / MB:,.0f} MB; "
+                f"{postings:,} postings; database {size / MB:,.0f} MB; "
                 f"journal ready {time.perf_counter() - began:.0f}s after the start",
                 flush=True,
             )

@@ -9,11 +9,11 @@ export the journal over and over.
 service (unset: its defaults); `--exports-max 30 --export-pool 16` lets all 30 run at once, as before the
 service-wide bound. What it does, all on loopback, in a temp folder it removes:
 1. starts the embedded PostgreSQL there and migrates it, builds a journal of `--entries` transfers through
-   `ledger_post` and seals it (bench/export.py's builder), ANALYZE;
+   `ledger_post` and seals it (bench/export.py's builder); no ANALYZE, as on a fresh deploy;
 2. starts `voucher-ledger serve --workers 2` with every key's own export rate opened wide
    (`VL_RATE_LIMITS`), so that only the service-wide bound can refuse an export; seeds through the API 50
    compute vouchers with tokens and a provider key (bench/redeem_load.py's seeding), makes `--keys` auditor
-   keys, ANALYZE, and restarts the service (fresh pools);
+   keys;
 3. offers redemptions open-loop at `--rate` a second (each a fresh Idempotency-Key and invoice, 1 元 on a
    random voucher; latency from the moment it was due, so a stall counts in full) for a warm-up of 3 s,
    then `--seconds` alone;
@@ -44,13 +44,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
-from sqlalchemy import text
 
 from app import migrate
 from app.db import make_engine
 from app.embedded import start_embedded
 from app.settings import Settings
-from bench.export import analyze, auditor_key, build, seal
+from bench.export import auditor_key, build, seal
 from bench.redeem_load import SHANGHAI, Service, admin_key, seed
 from ledger.service import Ledger
 
@@ -208,7 +207,6 @@ async def main() -> int:
             ledger = Ledger()
             made = await build(engine, ledger, args.entries, 5_000, 300)
             sealed = await seal(engine, ledger, made)
-            await analyze(engine)
         finally:
             await engine.dispose()
         print(f"journal: {sealed:,} sealed entries", flush=True)
@@ -231,15 +229,6 @@ async def main() -> int:
         year = datetime.now(SHANGHAI).year  # an award is approved only inside its own program year
         _provider, provider_key, _vouchers, tokens = await seed(service.base_url, admin, VOUCHERS, year)
         auditors = [await asyncio.to_thread(auditor_key, env) for _ in range(args.keys)]
-        engine = make_engine(db_url, Settings(database_url=db_url))
-        try:
-            async with engine.connect() as conn:
-                await conn.execute(text("ANALYZE"))
-                await conn.commit()
-        finally:
-            await engine.dispose()
-        service.stop()
-        await service.start()
         bound = env.get("VL_EXPORTS_CONCURRENT_MAX", "default")
         pool = env.get("VL_EXPORT_DB_POOL_SIZE", "default")
         print(

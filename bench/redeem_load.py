@@ -7,8 +7,8 @@ TPC-B transaction on the same server in the same run; the ratio of the two is th
     .venv/bin/python bench/redeem_load.py [--seconds 15] [--vouchers 1000] [--clients 32] [--no-pgbench]
     .venv/bin/python bench/redeem_load.py --soak 300 [--segment 30]      # issue 14: as an operator runs it
 
-`--soak SECONDS` measures what an operator gets from a fresh deploy: no ANALYZE, no restart, no warm-up
-after seeding (steps 4 and 5's ANALYZEs are skipped), then redemptions for SECONDS over the first 40
+`--soak SECONDS` measures what an operator gets from a fresh deploy with no warm-up either: redemptions for
+SECONDS over the first 40
 vouchers and then for SECONDS over all of them, each printed per `--segment` seconds, then pgbench. Its
 figures: the slowest segment against TPC-B, and the last segment of each case against its first.
 
@@ -22,13 +22,12 @@ Needs wrk (Debian: `apt-get install wrk`). What it does, all on loopback, in a t
    of 1,000 holders an entity, a compute application, its approval (10,000 元 each; the hot voucher, the
    first, gets its full 1,000,000 元) and a token. Nothing is inserted with SQL: an issued voucher is a
    budget commitment, ledger accounts and entries, and application claims, which only the API makes right;
-4. ANALYZE, then restarts the service so its pooled connections plan on the seeded tables (PERFORMANCE.md,
-   point 5);
+4. no ANALYZE and no restart: a fresh deploy has only the statistics autovacuum gives it, and every
+   statement on the redemption path reads by key whatever they are (issue 14, tests/test_plans.py);
 5. drives `POST /v1/redemptions` with wrk from its own process (one thread, `--clients` keep-alive
    connections, a Lua script: every request a fresh Idempotency-Key and invoice number and one compute line
-   of 1 元, a random token of the case), after a short unmeasured warm-up of each case and an ANALYZE of
-   what the warm-up wrote (as autovacuum would soon do on a running service); first uniform over the
-   vouchers, then all on the hot one;
+   of 1 元, a random token of the case), after a short unmeasured warm-up of each case (each worker verifies
+   a token in full the first time it sees it); first uniform over the vouchers, then all on the hot one;
 6. stops the service, seals what is left, checks the books (trial balance, cached balances against the
    postings, the chain, and the redemptions against the provider's payable account and the 201s counted),
    runs pgbench (TPC-B, prepared, 32 clients, scale 32) on the same server.
@@ -536,16 +535,6 @@ def print_row(label: str, clients: int, r: dict[str, Any]) -> None:
         print(f"         first {status}: {body}")
 
 
-async def analyze(db_url: str) -> None:
-    engine = make_engine(db_url, Settings(database_url=db_url))
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text("ANALYZE"))
-            await conn.commit()
-    finally:
-        await engine.dispose()
-
-
 async def soak(
     args: argparse.Namespace,
     service: Service,
@@ -645,10 +634,6 @@ async def main() -> int:
         if args.soak:
             ok = await soak(args, service, server, db_url, data_dir, provider, provider_key, tokens)
             return 0 if ok else 1
-        await analyze(db_url)
-        service.stop()
-        await service.start()  # fresh pools: plans made on the analyzed tables
-
         postmaster = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
 
         def probe() -> tuple[float, float, float]:
@@ -670,11 +655,6 @@ async def main() -> int:
             )
             for _label, pool in cases
         ]
-        # Statistics as autovacuum keeps them on a running service: the ANALYZE after seeding saw no
-        # redemption at all, and a generic plan made on that (voucher_redeem's invoice check) read the
-        # provider's every redemption by the wrong index until autovacuum's first analyze, a minute or more
-        # into the run. ANALYZE invalidates the cached plans; the measured run plans on what it will meet.
-        await analyze(db_url)
         print(
             "CPU columns: ms of CPU per redemption in the service's processes, in PostgreSQL, and in everything "
             "else on the machine (wrk included); cores busy"
